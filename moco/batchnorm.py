@@ -1,0 +1,70 @@
+"""SplitBatchNorm: shuffle-BN emulated on a single device.
+
+MoCo's key encoder must not see the batch statistics of the very samples the queries come from,
+or the network "cheats": it matches query and key through the shared BN mean/variance instead of
+through image content (MoCo paper, Sec. 3.3). Across GPUs this is done by shuffling the key batch
+between ranks. On one device we split the batch into ``num_splits`` groups that are normalised
+independently, like ``num_splits`` GPUs would, and shuffle the key batch before it is split.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics are computed per split of the batch.
+
+    Sample ``i`` belongs to split ``i % num_splits``. Running statistics are updated with the
+    average of the per-split statistics. In eval mode this is a plain BatchNorm2d.
+    """
+
+    def __init__(self, num_features: int, num_splits: int, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        if num_splits < 1:
+            raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+        self.num_splits = num_splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.num_splits == 1:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        splits = self.num_splits
+        if n % splits == 0:
+            # Fast path: fold the splits into channels so one batch_norm call does all of them.
+            # view(n/s, s*c, h, w): channel j*c + ch of row b is channel ch of sample b*s + j.
+            folded = x.reshape(n // splits, c * splits, h, w)
+            out = self._norm(folded, self.running_mean.repeat(splits),
+                             self.running_var.repeat(splits), splits)
+            return out.reshape(n, c, h, w)
+        # Batch not divisible (e.g. a short last batch): normalise each split on its own.
+        out = torch.empty_like(x)
+        means, vars_ = [], []
+        for j in range(min(splits, n)):
+            rm, rv = self.running_mean.clone(), self.running_var.clone()
+            out[j::splits] = F.batch_norm(x[j::splits], rm, rv, self.weight, self.bias,
+                                          True, self._momentum(), self.eps)
+            means.append(rm)
+            vars_.append(rv)
+        self._store_running(torch.stack(means).mean(0), torch.stack(vars_).mean(0))
+        return out
+
+    def _norm(self, folded: torch.Tensor, rm: torch.Tensor, rv: torch.Tensor, splits: int):
+        weight = self.weight.repeat(splits) if self.weight is not None else None
+        bias = self.bias.repeat(splits) if self.bias is not None else None
+        out = F.batch_norm(folded, rm, rv, weight, bias, True, self._momentum(), self.eps)
+        c = self.num_features
+        self._store_running(rm.view(splits, c).mean(0), rv.view(splits, c).mean(0))
+        return out
+
+    def _momentum(self) -> float:
+        if self.momentum is not None:
+            return self.momentum
+        # momentum=None means a cumulative average, as in nn.BatchNorm2d.
+        return 1.0 / float(self.num_batches_tracked + 1)
+
+    @torch.no_grad()
+    def _store_running(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        self.running_mean.copy_(mean)
+        self.running_var.copy_(var)
+        self.num_batches_tracked.add_(1)

@@ -1,0 +1,55 @@
+"""Augmentation recipes of MoCo v1 and v2 ("aug+"), sized by the data set.
+
+The recipe (conf/augment/) says which operations the paper uses; the data config says the image
+size and channel count, and the rules below drop what makes no sense for the data:
+- on grey images (1 channel) saturation, hue and random grayscale do nothing, so they are left
+  out; brightness and contrast jitter still apply;
+- Gaussian blur is left out below ``blur_min_size`` px: on 28-32 px images a blur kernel of ~10%
+  of the side erases most of the detail (SimCLR and the MoCo CIFAR demo skip it too).
+"""
+
+import torch
+from torchvision.transforms import v2
+
+from moco.errors import ConfigError
+
+
+def _normalize(data_cfg) -> list:
+    mean, std = list(data_cfg.mean), list(data_cfg.std)
+    if len(mean) != data_cfg.channels or len(std) != data_cfg.channels:
+        raise ConfigError(f"data.mean and data.std need {data_cfg.channels} values (data.channels)")
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+
+
+def pretrain_transform(aug_cfg, data_cfg) -> v2.Compose:
+    """One random view of a uint8 image tensor (C x H x W) for contrastive pretraining."""
+    size, grey = data_cfg.image_size, data_cfg.channels == 1
+    ops = [v2.RandomResizedCrop(size, scale=tuple(aug_cfg.crop_scale), antialias=True)]
+    jitter = aug_cfg.color_jitter
+    if jitter.p > 0:
+        colour = {} if grey else {"saturation": jitter.saturation, "hue": jitter.hue}
+        ops.append(v2.RandomApply([v2.ColorJitter(jitter.brightness, jitter.contrast, **colour)], p=jitter.p))
+    if aug_cfg.grayscale_p > 0 and not grey:
+        ops.append(v2.RandomGrayscale(p=aug_cfg.grayscale_p))
+    if aug_cfg.blur.p > 0 and size >= aug_cfg.blur.min_size:
+        kernel = 2 * int(0.05 * size) + 1  # odd, about 10% of the side
+        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=tuple(aug_cfg.blur.sigma))], p=aug_cfg.blur.p))
+    if aug_cfg.flip_p > 0:
+        ops.append(v2.RandomHorizontalFlip(p=aug_cfg.flip_p))
+    return v2.Compose(ops + _normalize(data_cfg))
+
+
+def eval_transform(data_cfg) -> v2.Compose:
+    """Un-augmented images for feature extraction: resized to the training size, normalised."""
+    return v2.Compose([v2.Resize(data_cfg.image_size, antialias=True),
+                       v2.CenterCrop(data_cfg.image_size), *_normalize(data_cfg)])
+
+
+class TwoViews:
+    """Applies the same random transform twice, independently: the query and the key view."""
+
+    def __init__(self, transform) -> None:
+        self.transform = transform
+
+    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(image), self.transform(image)

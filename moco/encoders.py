@@ -1,0 +1,60 @@
+"""Encoders: a torchvision ResNet backbone plus a projection head."""
+
+from functools import partial
+
+import torch
+import torchvision
+from torch import nn
+
+from moco.batchnorm import SplitBatchNorm
+from moco.errors import ConfigError
+
+BACKBONES = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
+HEADS = ("linear", "mlp")
+# Inputs this small lose too much resolution to the ImageNet stem (7x7 stride-2 conv + max-pool,
+# a 4x downsampling before the first block), so they get the stem of the MoCo CIFAR demo.
+SMALL_IMAGE_MAX_SIZE = 64
+
+
+def build_backbone(name: str, in_channels: int, image_size: int, bn_splits: int = 1) -> nn.Module:
+    """A torchvision ResNet without its classifier: images (N x C x H x W) to features (N x D)."""
+    if name not in BACKBONES:
+        raise ConfigError(f"unknown backbone '{name}': choose one of {sorted(BACKBONES)}")
+    norm_layer = partial(SplitBatchNorm, num_splits=bn_splits) if bn_splits > 1 else nn.BatchNorm2d
+    net = BACKBONES[name](weights=None, norm_layer=norm_layer)
+    if image_size <= SMALL_IMAGE_MAX_SIZE:
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    elif in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    net.feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net
+
+
+def build_head(kind: str, in_dim: int, out_dim: int) -> nn.Module:
+    """MoCo v1: one linear layer. MoCo v2: a 2-layer MLP with a hidden layer as wide as the input."""
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+    raise ConfigError(f"unknown head '{kind}': choose one of {list(HEADS)}")
+
+
+class Encoder(nn.Module):
+    """Backbone followed by projection head: images to un-normalised embeddings (N x dim)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, channels_last: bool = False) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        # NHWC lets oneDNN/cuDNN pick faster convolution kernels: measured 1.46x for a small-stem
+        # ResNet-18 training step in fp32 on a 2-core AVX2 CPU.
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.head(self.backbone(images))

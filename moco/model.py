@@ -1,0 +1,121 @@
+"""MoCo as a LightningModule: composes the encoders, the momentum update, the queue and InfoNCE."""
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.optim.lr_scheduler import LambdaLR
+
+from moco.encoders import Encoder, build_backbone, build_head
+from moco.losses import contrastive_top1, info_nce
+from moco.momentum import cosine_momentum, momentum_update
+from moco.optim.schedules import lr_factor
+from moco.queue import KeyQueue
+from moco.shuffle import encode_shuffled
+
+
+def _plain(value: Any) -> Any:
+    """DictConfig -> dict, so hyper-parameters pickle into checkpoints as plain Python objects."""
+    if isinstance(value, DictConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+class MoCo(pl.LightningModule):
+    """Momentum Contrast (He et al. 2020; v2: Chen et al. 2020).
+
+    Every argument comes from ``conf/model/moco.yaml`` (defaults live there, not here).
+    ``optimizer`` is a Hydra config with ``_target_`` and a base ``lr`` for a global batch of
+    ``lr_reference_batch``; ``scheduler`` holds ``name``, ``warmup_epochs`` and, for ``step``,
+    ``milestones`` (fractions of training) and ``gamma``.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: str,
+        in_channels: int,
+        image_size: int,
+        head: str,
+        dim: int,
+        queue_size: int,
+        momentum: float,
+        momentum_schedule: str,
+        temperature: float,
+        bn_splits: int,
+        symmetric: bool,
+        channels_last: bool,
+        batch_size: int,
+        lr_reference_batch: int,
+        optimizer: Mapping,
+        scheduler: Mapping,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters({k: _plain(v) for k, v in locals().items() if k not in ("self", "__class__")})
+        net = build_backbone(backbone, in_channels, image_size, bn_splits)
+        self.encoder_q = Encoder(net, build_head(head, net.feature_dim, dim), channels_last)
+        # The key encoder starts as an exact copy (backbone AND head) and never gets gradients:
+        # it only moves through momentum_update.
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        self.encoder_k.requires_grad_(False)
+        self.queue = KeyQueue(queue_size, dim)
+        self._total_steps = 0  # optimizer steps of the whole run, known once training is set up
+
+    # ----------------------------------------------------------------------------- training
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        (view_q, view_k), _ = batch
+        hp = self.hparams
+        # Update the key encoder before encoding keys, so this step's keys come from the
+        # encoder that includes the last optimizer step (Algorithm 1 of the paper).
+        momentum_update(self.encoder_q, self.encoder_k, self._current_momentum())
+        # The negatives are read once, before this step's keys enter the queue. A copy, because
+        # enqueue writes the buffer in place while the logits still need it for backward.
+        negatives = self.queue.keys.clone()  # K x C
+        loss, logits, keys = self._contrast(view_q, view_k, negatives)
+        if hp.symmetric:
+            loss_21, _, keys_21 = self._contrast(view_k, view_q, negatives)
+            loss = loss + loss_21
+            keys = torch.cat([keys, keys_21])  # 2N x C
+        self.queue.enqueue(keys)
+
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train/top1", contrastive_top1(logits), prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def _contrast(self, im_q, im_k, negatives):
+        """InfoNCE of queries from ``im_q`` against keys from ``im_k``; also returns the keys."""
+        q = F.normalize(self.encoder_q(im_q), dim=1)  # N x C
+        with torch.no_grad():
+            encoder_k = self.encoder_k
+            k = encode_shuffled(encoder_k, im_k) if self.hparams.bn_splits > 1 else encoder_k(im_k)
+            k = F.normalize(k, dim=1)  # N x C
+        loss, logits = info_nce(q, k, negatives, self.hparams.temperature)  # logits: N x (1+K)
+        return loss, logits, k
+
+    def _current_momentum(self) -> float:
+        m = self.hparams.momentum
+        if self.hparams.momentum_schedule == "cosine" and self._total_steps:
+            return cosine_momentum(m, self.global_step, self._total_steps)
+        return m
+
+    # ---------------------------------------------------------------------------- optimizer
+    def global_batch_size(self) -> int:
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return self.hparams.batch_size * world
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        lr = hp.optimizer["lr"] * self.global_batch_size() / hp.lr_reference_batch
+        optimizer = hydra.utils.instantiate(hp.optimizer, params=self.encoder_q.parameters(), lr=lr)
+        total_steps = self._total_steps = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(self.trainer.num_training_batches // self.trainer.accumulate_grad_batches, 1)
+        warmup_steps = min(round(hp.scheduler.get("warmup_epochs", 0) * steps_per_epoch), total_steps)
+        schedule = LambdaLR(optimizer, lambda step: lr_factor(
+            step, total_steps, hp.scheduler["name"], warmup_steps,
+            hp.scheduler.get("milestones", ()), hp.scheduler.get("gamma", 0.1)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,58 @@
+"""The pretraining run: validated config in, trained checkpoint out."""
+
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+from moco.config import validate_pretrain
+from moco.data import PretrainDataModule
+from moco.hardware import resolve_precision
+
+
+def _loggers(run_dir: Path) -> list:
+    loggers = [CSVLogger(run_dir, name="", version="logs")]
+    try:
+        import tensorboard  # noqa: F401  (optional: only used when installed)
+
+        loggers.append(TensorBoardLogger(run_dir, name="", version="logs", default_hp_metric=False))
+    except ImportError:
+        pass
+    return loggers
+
+
+def pretrain(cfg: DictConfig, run_dir: Path) -> Path:
+    """Train MoCo as ``cfg`` says, writing logs and checkpoints into ``run_dir``.
+
+    Returns the path of the last checkpoint.
+    """
+    validate_pretrain(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = PretrainDataModule(cfg.data, cfg.augment)
+    datamodule.setup("fit")  # load (and check) the data before anything is written
+    model = hydra.utils.instantiate(cfg.model)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    checkpoints = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="epoch{epoch:03d}",
+        auto_insert_metric_name=False,
+        save_last=True,
+        save_top_k=-1,  # keep one checkpoint per epoch
+        every_n_epochs=1,
+    )
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_args["precision"] = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    trainer = pl.Trainer(
+        **trainer_args,
+        default_root_dir=run_dir,
+        logger=_loggers(run_dir),
+        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step")],
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=datamodule)
+    return Path(checkpoints.last_model_path)

@@ -1,0 +1,24 @@
+"""Self-supervised MoCo pretraining.
+
+    python scripts/pretrain.py +experiment=moco_v2 [key=value ...]
+"""
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from moco.cli import exit_on_user_error
+from moco.train import pretrain
+
+
+@hydra.main(config_path="../conf", config_name="pretrain", version_base="1.3")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    checkpoint = pretrain(cfg, Path(HydraConfig.get().runtime.output_dir))
+    print(f"Done. Last checkpoint: {checkpoint}")
+
+
+if __name__ == "__main__":
+    main()
