@@ -34,16 +34,18 @@ class SplitBatchNorm(nn.BatchNorm2d):
             # Fast path: fold the splits into channels so one batch_norm call does all of them.
             # view(n/s, s*c, h, w): channel j*c + ch of row b is channel ch of sample b*s + j.
             folded = x.reshape(n // splits, c * splits, h, w)
-            out = self._norm(folded, self.running_mean.repeat(splits),
-                             self.running_var.repeat(splits), splits)
+            out = self._norm(
+                folded, self.running_mean.repeat(splits), self.running_var.repeat(splits), splits
+            )
             return out.reshape(n, c, h, w)
         # Batch not divisible (e.g. a short last batch): normalise each split on its own.
         out = torch.empty_like(x)
         means, vars_ = [], []
         for j in range(min(splits, n)):
             rm, rv = self.running_mean.clone(), self.running_var.clone()
-            out[j::splits] = F.batch_norm(x[j::splits], rm, rv, self.weight, self.bias,
-                                          True, self._momentum(), self.eps)
+            out[j::splits] = F.batch_norm(
+                x[j::splits], rm, rv, self.weight, self.bias, True, self._momentum(), self.eps
+            )
             means.append(rm)
             vars_.append(rv)
         self._store_running(torch.stack(means).mean(0), torch.stack(vars_).mean(0))

@@ -11,7 +11,9 @@ from moco.errors import MocoUserError
 def _remove_if_only_hydra_files(run_dir: Path) -> None:
     """Delete a run directory that holds nothing but Hydra's own files, so a failed start
     leaves nothing half-written behind."""
-    if run_dir.is_dir() and all(p.name in (".hydra",) or p.suffix == ".log" for p in run_dir.iterdir()):
+    if run_dir.is_dir() and all(
+        p.name in (".hydra",) or p.suffix == ".log" for p in run_dir.iterdir()
+    ):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

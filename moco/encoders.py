@@ -33,11 +33,13 @@ def build_backbone(name: str, in_channels: int, image_size: int, bn_splits: int 
 
 
 def build_head(kind: str, in_dim: int, out_dim: int) -> nn.Module:
-    """MoCo v1: one linear layer. MoCo v2: a 2-layer MLP with a hidden layer as wide as the input."""
+    """MoCo v1: one linear layer. MoCo v2: a 2-layer MLP, hidden layer as wide as the input."""
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
     if kind == "mlp":
-        return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+        return nn.Sequential(
+            nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim)
+        )
     raise ConfigError(f"unknown head '{kind}': choose one of {list(HEADS)}")
 
 

@@ -18,7 +18,9 @@ def resolve_precision(precision: str | int, accelerator: str) -> str:
     """``auto`` -> bf16-mixed where the hardware runs it fast, 16-mixed on older GPUs, else 32."""
     if str(precision) != "auto":
         return str(precision)
-    uses_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    uses_cuda = accelerator in ("gpu", "cuda") or (
+        accelerator == "auto" and torch.cuda.is_available()
+    )
     if uses_cuda:
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     if accelerator in ("cpu", "auto"):

@@ -56,7 +56,9 @@ class MoCo(pl.LightningModule):
         scheduler: Mapping,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters({k: _plain(v) for k, v in locals().items() if k not in ("self", "__class__")})
+        self.save_hyperparameters(
+            {k: _plain(v) for k, v in locals().items() if k not in ("self", "__class__")}
+        )
         net = build_backbone(backbone, in_channels, image_size, bn_splits)
         self.encoder_q = Encoder(net, build_head(head, net.feature_dim, dim), channels_last)
         # The key encoder starts as an exact copy (backbone AND head) and never gets gradients:
@@ -113,9 +115,21 @@ class MoCo(pl.LightningModule):
         lr = hp.optimizer["lr"] * self.global_batch_size() / hp.lr_reference_batch
         optimizer = hydra.utils.instantiate(hp.optimizer, params=self.encoder_q.parameters(), lr=lr)
         total_steps = self._total_steps = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(self.trainer.num_training_batches // self.trainer.accumulate_grad_batches, 1)
-        warmup_steps = min(round(hp.scheduler.get("warmup_epochs", 0) * steps_per_epoch), total_steps)
-        schedule = LambdaLR(optimizer, lambda step: lr_factor(
-            step, total_steps, hp.scheduler["name"], warmup_steps,
-            hp.scheduler.get("milestones", ()), hp.scheduler.get("gamma", 0.1)))
+        steps_per_epoch = max(
+            self.trainer.num_training_batches // self.trainer.accumulate_grad_batches, 1
+        )
+        warmup_steps = min(
+            round(hp.scheduler.get("warmup_epochs", 0) * steps_per_epoch), total_steps
+        )
+        schedule = LambdaLR(
+            optimizer,
+            lambda step: lr_factor(
+                step,
+                total_steps,
+                hp.scheduler["name"],
+                warmup_steps,
+                hp.scheduler.get("milestones", ()),
+                hp.scheduler.get("gamma", 0.1),
+            ),
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,6 +1,6 @@
 """Self-supervised MoCo pretraining.
 
-    python scripts/pretrain.py +experiment=moco_v2 [key=value ...]
+python scripts/pretrain.py +experiment=moco_v2 [key=value ...]
 """
 
 from pathlib import Path

@@ -28,12 +28,20 @@ def pretrain_transform(aug_cfg, data_cfg) -> v2.Compose:
     jitter = aug_cfg.color_jitter
     if jitter.p > 0:
         colour = {} if grey else {"saturation": jitter.saturation, "hue": jitter.hue}
-        ops.append(v2.RandomApply([v2.ColorJitter(jitter.brightness, jitter.contrast, **colour)], p=jitter.p))
+        ops.append(
+            v2.RandomApply(
+                [v2.ColorJitter(jitter.brightness, jitter.contrast, **colour)], p=jitter.p
+            )
+        )
     if aug_cfg.grayscale_p > 0 and not grey:
         ops.append(v2.RandomGrayscale(p=aug_cfg.grayscale_p))
     if aug_cfg.blur.p > 0 and size >= aug_cfg.blur.min_size:
         kernel = 2 * int(0.05 * size) + 1  # odd, about 10% of the side
-        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=tuple(aug_cfg.blur.sigma))], p=aug_cfg.blur.p))
+        ops.append(
+            v2.RandomApply(
+                [v2.GaussianBlur(kernel, sigma=tuple(aug_cfg.blur.sigma))], p=aug_cfg.blur.p
+            )
+        )
     if aug_cfg.flip_p > 0:
         ops.append(v2.RandomHorizontalFlip(p=aug_cfg.flip_p))
     return v2.Compose(ops + _normalize(data_cfg))
@@ -41,8 +49,13 @@ def pretrain_transform(aug_cfg, data_cfg) -> v2.Compose:
 
 def eval_transform(data_cfg) -> v2.Compose:
     """Un-augmented images for feature extraction: resized to the training size, normalised."""
-    return v2.Compose([v2.Resize(data_cfg.image_size, antialias=True),
-                       v2.CenterCrop(data_cfg.image_size), *_normalize(data_cfg)])
+    return v2.Compose(
+        [
+            v2.Resize(data_cfg.image_size, antialias=True),
+            v2.CenterCrop(data_cfg.image_size),
+            *_normalize(data_cfg),
+        ]
+    )
 
 
 class TwoViews:

@@ -21,7 +21,9 @@ SPLITS = ("pretrain", "train", "test")
 class TensorImages(Dataset):
     """In-memory images (N x C x H x W, uint8) and labels (N), with an optional transform."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable | None = None):
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, transform: Callable | None = None
+    ):
         self.images, self.labels, self.transform = images, labels, transform
 
     def __len__(self) -> int:
@@ -43,7 +45,11 @@ class FolderImages(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        mode = torchvision.io.ImageReadMode.RGB if self.channels == 3 else torchvision.io.ImageReadMode.GRAY
+        mode = (
+            torchvision.io.ImageReadMode.RGB
+            if self.channels == 3
+            else torchvision.io.ImageReadMode.GRAY
+        )
         image = torchvision.io.decode_image(path, mode=mode)
         return (self.transform(image) if self.transform else image), label
 
@@ -78,7 +84,9 @@ def _fashion_mnist(cfg, split: str) -> TensorImages:
             return TensorImages(images, read_idx(labels_path).long())
     if cfg.download and cfg.root:
         try:
-            ds = torchvision.datasets.FashionMNIST(_expand(cfg.root), train=split != "test", download=True)
+            ds = torchvision.datasets.FashionMNIST(
+                _expand(cfg.root), train=split != "test", download=True
+            )
             return TensorImages(ds.data.unsqueeze(1), ds.targets.long())
         except Exception as exc:  # no network, proxy, disk full: all end in the same advice
             reason = f" (download failed: {type(exc).__name__})"
@@ -101,10 +109,14 @@ def _require_root(cfg) -> Path:
 
 def _cifar10(cfg, split: str) -> TensorImages:
     try:
-        ds = torchvision.datasets.CIFAR10(_expand(cfg.root), train=split != "test", download=cfg.download)
+        ds = torchvision.datasets.CIFAR10(
+            _expand(cfg.root), train=split != "test", download=cfg.download
+        )
     except RuntimeError as exc:
-        raise DataError(f"CIFAR-10 not found in data.root={cfg.root}: set data.download=true "
-                        f"or unpack cifar-10-batches-py there ({exc})") from None
+        raise DataError(
+            f"CIFAR-10 not found in data.root={cfg.root}: set data.download=true "
+            f"or unpack cifar-10-batches-py there ({exc})"
+        ) from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # N x 3 x 32 x 32
     return TensorImages(images, torch.tensor(ds.targets))
 
@@ -114,8 +126,10 @@ def _stl10(cfg, split: str) -> TensorImages:
     try:
         ds = torchvision.datasets.STL10(_expand(cfg.root), split=stl_split, download=cfg.download)
     except RuntimeError as exc:
-        raise DataError(f"STL-10 not found in data.root={cfg.root}: set data.download=true "
-                        f"or unpack stl10_binary there ({exc})") from None
+        raise DataError(
+            f"STL-10 not found in data.root={cfg.root}: set data.download=true "
+            f"or unpack stl10_binary there ({exc})"
+        ) from None
     return TensorImages(torch.from_numpy(ds.data), torch.from_numpy(ds.labels).long())
 
 
@@ -127,7 +141,9 @@ def _imagefolder(cfg, split: str) -> FolderImages:
     try:
         images = torchvision.datasets.ImageFolder(str(folder))
     except (FileNotFoundError, RuntimeError) as exc:
-        raise DataError(f"no images in {folder}: data.root must hold one folder per class ({exc})") from None
+        raise DataError(
+            f"no images in {folder}: data.root must hold one folder per class ({exc})"
+        ) from None
     return FolderImages(images, cfg.channels)
 
 

@@ -21,5 +21,7 @@ def read_idx(path: Path) -> torch.Tensor:
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     data = np.frombuffer(raw, dtype=_IDX_DTYPES[raw[2]], offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated: expected {int(np.prod(shape))} values, got {data.size}")
+        raise ValueError(
+            f"{path} is truncated: expected {int(np.prod(shape))} values, got {data.size}"
+        )
     return torch.from_numpy(data.astype(data.dtype.newbyteorder("="), copy=True).reshape(shape))

@@ -1,0 +1,279 @@
+"""The offline evaluations behind scripts/knn_eval.py, linear_probe.py and compare_optimizers.py:
+a composed config in, results printed and written to the run directory."""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from moco.data.augment import pretrain_transform
+from moco.data.datasets import load_dataset
+from moco.eval.checkpoint import EvalEncoder, load_encoder
+from moco.eval.features import (
+    FrozenFeatures,
+    cache_key,
+    cached_features,
+    eval_dataset,
+    extract_features,
+)
+from moco.eval.knn import knn_sweep
+from moco.eval.probe import (
+    assert_unchanged,
+    cached_batches,
+    normalise,
+    topk_accuracy,
+    torch_threads,
+    train_linear_probe,
+    weights_snapshot,
+)
+from moco.eval.report import knn_table, plot_loss_curves, rows_table, write_csv, write_json
+from moco.eval.validate import check, optimizers, validate_eval
+
+
+# --------------------------------------------------------------------------------- features
+@dataclass
+class Prepared:
+    """The frozen feature model, a snapshot of its weights and the features of both splits."""
+
+    loaded: EvalEncoder
+    model: FrozenFeatures
+    snapshot: dict
+    train: tuple[torch.Tensor, torch.Tensor] | None  # features N x D, labels N
+    test: tuple[torch.Tensor, torch.Tensor]
+    seconds: float  # feature extraction (or cache read)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def prepare(cfg: DictConfig, with_train: bool = True) -> Prepared:
+    """Load the encoder, snapshot its weights, extract (or read cached) features of both splits."""
+    f = cfg.features
+    loaded = load_encoder(cfg.checkpoint, cfg.data, f.random_init)
+    device = _device(f.device)
+    model = FrozenFeatures(loaded.encoder, f.layer).to(device).requires_grad_(False)
+    snapshot = weights_snapshot(model)
+    data_cfg = loaded.data_cfg
+    splits = (["train"] if with_train else []) + ["test"]
+    datasets = {
+        s: eval_dataset(data_cfg, s, f[f"{s}_limit"], f.seed) for s in splits
+    }  # data errors first
+    start, out = time.perf_counter(), {}
+    for split, dataset in datasets.items():
+        key = cache_key(loaded.source, f.layer, data_cfg, split, f[f"{split}_limit"])
+        out[split] = cached_features(
+            f.cache_dir,
+            key,
+            lambda d=dataset, s=split: extract_features(
+                model,
+                d,
+                f.batch_size,
+                data_cfg.num_workers,
+                device,
+                desc=f"features ({s})" if f.progress else None,
+            ),
+        )
+        labels = out[split][1]
+        check(
+            int(labels.max()) < data_cfg.num_classes,
+            f"labels go up to {int(labels.max())} but data.num_classes={data_cfg.num_classes}: "
+            "set data.num_classes",
+        )
+    return Prepared(
+        loaded, model, snapshot, out.get("train"), out["test"], time.perf_counter() - start
+    )
+
+
+def _describe(cfg: DictConfig, prep: Prepared) -> dict:
+    test_x = prep.test[0]
+    return {
+        **prep.loaded.info,
+        "data": cfg.data.name,
+        "image_size": prep.loaded.data_cfg.image_size,
+        "layer": cfg.features.layer,
+        "feature_dim": test_x.shape[1],
+        "num_train": len(prep.train[0]) if prep.train else None,
+        "num_test": len(test_x),
+        "feature_seconds": round(prep.seconds, 2),
+    }
+
+
+# ------------------------------------------------------------------------------------- kNN
+def run_knn(cfg: DictConfig, out_dir: Path) -> dict:
+    """kNN top-1 over the (k, T) sweep; prints the table, writes knn.csv and knn.json."""
+    validate_eval(cfg)
+    prep = prepare(cfg)
+    ks, temps = sorted(cfg.knn.ks), sorted(cfg.knn.temperatures)
+    start = time.perf_counter()
+    results = knn_sweep(*prep.train, *prep.test, cfg.data.num_classes, ks, temps)
+    sweep_seconds = time.perf_counter() - start
+    best = max(results, key=results.get)
+    report = (cfg.knn.report.k, cfg.knn.report.temperature)
+    summary = {
+        **_describe(cfg, prep),
+        "sweep_seconds": round(sweep_seconds, 2),
+        "top1": {"k": report[0], "temperature": report[1], "top1": results[report]},
+        "best": {"k": best[0], "temperature": best[1], "top1": results[best]},
+        "results": [{"k": k, "temperature": t, "top1": v} for (k, t), v in results.items()],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(out_dir / "knn.csv", summary["results"])
+    write_json(out_dir / "knn.json", summary)
+    print(
+        f"kNN top-1 (%) of {summary['checkpoint']} on {cfg.data.name} "
+        f"({summary['num_train']} bank, {summary['num_test']} test, "
+        f"{summary['feature_dim']}-d {cfg.features.layer} features)"
+    )
+    print(knn_table(results, ks, temps))
+    print(
+        f"k={report[0]}, T={report[1]:g}: {results[report]:.2f}%   "
+        f"best: k={best[0]}, T={best[1]:g}: {results[best]:.2f}%   "
+        f"sweep {sweep_seconds:.2f} s, features {prep.seconds:.1f} s"
+    )
+    return summary
+
+
+# ---------------------------------------------------------------------------- linear probe
+def _probe_one(
+    cfg: DictConfig,
+    prep: Prepared,
+    optimizer_cfg: DictConfig,
+    name: str,
+    batches=None,
+    steps_per_epoch: int | None = None,
+) -> tuple[dict, np.ndarray]:
+    """Train and test one linear layer; then make sure the encoder did not change."""
+    p = cfg.probe
+    test_x = normalise(prep.test[0], p.normalize)
+    threads = None  # augmented batches run the encoder: it keeps all threads
+    if batches is None:  # cached features
+        train_x = normalise(prep.train[0], p.normalize)
+        batches = cached_batches(train_x, prep.train[1], p.batch_size, p.seed)
+        steps_per_epoch = -(-len(train_x) // p.batch_size)
+        threads = p.threads
+    start = time.perf_counter()
+    with torch_threads(threads):
+        linear, losses = train_linear_probe(
+            batches,
+            steps_per_epoch,
+            test_x.shape[1],
+            cfg.data.num_classes,
+            p.epochs,
+            optimizer_cfg,
+            cfg.scheduler,
+            p.seed,
+            desc=f"probe ({name})" if cfg.features.progress else None,
+        )
+    seconds = time.perf_counter() - start
+    accuracy = topk_accuracy(linear, test_x, prep.test[1])
+    assert_unchanged(prep.model, prep.snapshot)
+    final = losses[-steps_per_epoch:].mean().item()  # mean over the last epoch
+    return {
+        "optimizer": name,
+        "lr": optimizer_cfg.lr,
+        "final_loss": final,
+        **accuracy,
+        "seconds": round(seconds, 2),
+    }, losses.numpy()
+
+
+def _augmented_batches(cfg: DictConfig, prep: Prepared):
+    """Batches of features of randomly cropped and flipped training images, through the frozen
+    encoder (kept in eval mode: its BatchNorm statistics must not move)."""
+    data_cfg, p = prep.loaded.data_cfg, cfg.probe
+    dataset = load_dataset(data_cfg, "train")
+    dataset.transform = pretrain_transform(p.augmentation, data_cfg)
+    loader = DataLoader(
+        dataset,
+        batch_size=p.batch_size,
+        shuffle=True,
+        num_workers=data_cfg.num_workers,
+        generator=torch.Generator().manual_seed(p.seed),
+    )
+    device = next(iter(prep.model.parameters()), torch.empty(0)).device
+
+    def epoch():
+        prep.model.eval()
+        for images, labels in loader:
+            with torch.no_grad():
+                features = prep.model(images.to(device)).float().cpu()
+            yield normalise(features, p.normalize), labels
+
+    return epoch, len(loader)
+
+
+def run_probe(cfg: DictConfig, out_dir: Path) -> dict:
+    """One linear probe; prints and writes probe.json and losses.csv."""
+    validate_eval(cfg)
+    [(name, optimizer_cfg)] = optimizers(cfg).items()
+    prep = prepare(cfg, with_train=not cfg.probe.augment)
+    batches, steps = _augmented_batches(cfg, prep) if cfg.probe.augment else (None, None)
+    row, losses = _probe_one(cfg, prep, optimizer_cfg, name, batches, steps)
+    summary = {
+        **_describe(cfg, prep),
+        **row,
+        "epochs": cfg.probe.epochs,
+        "augment": cfg.probe.augment,
+        "optimizer_config": OmegaConf.to_container(optimizer_cfg, resolve=True),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "probe.json", summary)
+    write_csv(
+        out_dir / "losses.csv", [{"step": i, "loss": v} for i, v in enumerate(losses.tolist())]
+    )
+    print(
+        f"Linear probe of {summary['checkpoint']} on {cfg.data.name}, {name} lr {row['lr']:g}, "
+        f"{cfg.probe.epochs} epochs: top-1 {row['top1']:.2f}%, top-5 {row['top5']:.2f}%, "
+        f"final loss {row['final_loss']:.4f}, {row['seconds']:.1f} s "
+        f"(features {prep.seconds:.1f} s); encoder unchanged"
+    )
+    return summary
+
+
+def run_compare(cfg: DictConfig, out_dir: Path) -> dict:
+    """The probe with every optimizer of ``cfg.optimizers`` on the same cached features."""
+    validate_eval(cfg)
+    prep = prepare(cfg)
+    rows, curves = [], {}
+    for name, optimizer_cfg in optimizers(cfg).items():
+        row, losses = _probe_one(cfg, prep, optimizer_cfg, name)
+        rows.append(row)
+        curves[f"{name} (lr {row['lr']:g})"] = losses
+    steps_per_epoch = -(-len(prep.train[0]) // cfg.probe.batch_size)
+    summary = {**_describe(cfg, prep), "epochs": cfg.probe.epochs, "results": rows}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(out_dir / "compare.csv", rows)
+    write_json(out_dir / "compare.json", summary)
+    write_csv(
+        out_dir / "losses.csv",
+        [
+            {
+                "step": i,
+                **{n: float(c[i]) for n, c in zip(_names(rows), curves.values(), strict=True)},
+            }
+            for i in range(len(next(iter(curves.values()))))
+        ],
+    )
+    plot_loss_curves(
+        out_dir / "loss_curves.png",
+        curves,
+        steps_per_epoch,
+        f"Linear probe on {cfg.data.name} features of {Path(str(cfg.checkpoint)).name}",
+    )
+    print(
+        f"Linear probe of {summary['checkpoint']} on {cfg.data.name}, {cfg.probe.epochs} epochs, "
+        f"same cached features (extracted in {prep.seconds:.1f} s); encoder unchanged"
+    )
+    print(rows_table(rows))
+    return summary
+
+
+def _names(rows: list[dict]) -> list[str]:
+    return [row["optimizer"] for row in rows]

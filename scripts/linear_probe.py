@@ -1,0 +1,25 @@
+"""Linear probe on frozen features.
+
+python scripts/linear_probe.py checkpoint=... optimizer=<sgd|momentum|nesterov|adagrad|rmsprop|adam>
+"""
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from moco.cli import exit_on_user_error
+from moco.eval.runs import run_probe
+
+
+@hydra.main(config_path="../conf", config_name="probe", version_base="1.3")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_probe(cfg, out_dir)
+    print(f"Results in {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Backbones (small-image and ImageNet stems), projection heads and the encoders of a built MoCo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from moco.batchnorm import SplitBatchNorm
+from moco.encoders import Encoder, build_backbone, build_head
+from moco.errors import ConfigError
+
+
+@pytest.mark.parametrize("image_size", [8, 28, 32, 64])
+def test_small_image_stem(image_size):
+    net = build_backbone("resnet18", in_channels=3, image_size=image_size)
+    conv = net.conv1
+    assert isinstance(conv, nn.Conv2d)
+    assert conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+    assert conv.in_channels == 3 and conv.out_channels == 64 and conv.bias is None
+    assert isinstance(net.maxpool, nn.Identity)
+    assert net.feature_dim == 512
+    assert isinstance(net.fc, nn.Identity)
+
+
+def test_small_stem_grey_input_and_feature_shape():
+    net = build_backbone("resnet18", in_channels=1, image_size=8).eval()
+    assert net.conv1.in_channels == 1
+    with torch.no_grad():
+        features = net(torch.randn(2, 1, 8, 8))
+    assert features.shape == (2, 512)
+    # No downsampling in the stem: layer3 sees 8 / 2 / 2 = 2 px (the ImageNet stem would give 1).
+    stem = nn.Sequential(
+        net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3
+    )
+    with torch.no_grad():
+        assert stem(torch.randn(1, 1, 8, 8)).shape[-2:] == (2, 2)
+
+
+def test_imagenet_stem_for_large_images_grey():
+    net = build_backbone("resnet18", in_channels=1, image_size=96).eval()
+    conv = net.conv1
+    assert conv.in_channels == 1 and conv.out_channels == 64
+    assert conv.kernel_size == (7, 7) and conv.stride == (2, 2) and conv.padding == (3, 3)
+    assert isinstance(net.maxpool, nn.MaxPool2d)
+    with torch.no_grad():
+        assert net(torch.randn(1, 1, 96, 96)).shape == (1, 512)
+
+
+def test_imagenet_stem_for_large_images_rgb_is_torchvision_default():
+    net = build_backbone("resnet18", in_channels=3, image_size=224)
+    assert (
+        net.conv1.in_channels == 3
+        and net.conv1.kernel_size == (7, 7)
+        and net.conv1.stride == (2, 2)
+    )
+    assert isinstance(net.maxpool, nn.MaxPool2d)
+
+
+def test_resnet50_feature_dim():
+    net = build_backbone("resnet50", in_channels=3, image_size=32)
+    assert net.feature_dim == 2048
+    assert isinstance(net.maxpool, nn.Identity)
+
+
+def test_unknown_backbone_and_head_raise_config_error():
+    with pytest.raises(ConfigError, match="resnet7"):
+        build_backbone("resnet7", in_channels=3, image_size=32)
+    with pytest.raises(ConfigError, match="transformer"):
+        build_head("transformer", 512, 128)
+
+
+def test_linear_head():
+    head = build_head("linear", 512, 128)
+    assert isinstance(head, nn.Linear)
+    assert (head.in_features, head.out_features) == (512, 128)
+
+
+def test_mlp_head_has_hidden_layer_as_wide_as_the_features():
+    head = build_head("mlp", 64, 16)
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(64, 64), (64, 16)]
+    assert any(isinstance(m, nn.ReLU) for m in head.modules())
+    # Reference: Linear -> ReLU -> Linear by hand.
+    x = torch.randn(3, 64)
+    expected = (
+        torch.relu(x @ linears[0].weight.T + linears[0].bias) @ linears[1].weight.T
+        + linears[1].bias
+    )
+    torch.testing.assert_close(head(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_is_backbone_then_head():
+    backbone = build_backbone("resnet18", in_channels=3, image_size=8)
+    head = build_head("linear", backbone.feature_dim, 10)
+    enc = Encoder(backbone, head).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        out = enc(x)
+        assert out.shape == (2, 10)
+        torch.testing.assert_close(out, head(backbone(x)))
+
+
+def test_channels_last_gives_the_same_outputs():
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18", in_channels=3, image_size=8)
+    plain = Encoder(backbone, build_head("mlp", 512, 16), channels_last=False)
+    fast = Encoder(
+        build_backbone("resnet18", in_channels=3, image_size=8),
+        build_head("mlp", 512, 16),
+        channels_last=True,
+    )
+    fast.load_state_dict(plain.state_dict())
+    assert fast.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        plain.eval(), fast.eval()
+        torch.testing.assert_close(fast(x), plain(x), atol=1e-4, rtol=1e-4)
+        # Train mode (batch statistics) too.
+        plain.train(), fast.train()
+        torch.testing.assert_close(fast(x), plain(x), atol=1e-4, rtol=1e-4)
+
+
+def test_bn_splits_build_split_batchnorm_everywhere():
+    backbone = build_backbone("resnet18", in_channels=3, image_size=8, bn_splits=4)
+    norms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 20  # stem + 2 per basic block x 8 + 3 downsample
+    assert all(isinstance(m, SplitBatchNorm) and m.num_splits == 4 for m in norms)
+    plain = build_backbone("resnet18", in_channels=3, image_size=8, bn_splits=1)
+    assert not any(isinstance(m, SplitBatchNorm) for m in plain.modules())
+
+
+def test_built_moco_key_encoder_starts_as_an_independent_copy(tiny_moco):
+    model, _ = tiny_moco()
+    q_state, k_state = model.encoder_q.state_dict(), model.encoder_k.state_dict()
+    assert list(q_state) == list(k_state)
+    assert any(name.startswith("head.") for name in q_state)
+    for name in q_state:
+        assert torch.equal(q_state[name], k_state[name]), name
+        assert q_state[name].data_ptr() != k_state[name].data_ptr(), f"{name} is shared"
+    assert all(p.requires_grad for p in model.encoder_q.parameters())
+    assert not any(p.requires_grad for p in model.encoder_k.parameters())
+
+
+def test_built_moco_uses_split_batchnorm_in_both_encoders(tiny_moco):
+    model, cfg = tiny_moco("model.bn_splits=4")
+    for encoder in (model.encoder_q, model.encoder_k):
+        norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(isinstance(m, SplitBatchNorm) and m.num_splits == 4 for m in norms)
+    assert model.encoder_q.backbone.conv1.kernel_size == (3, 3)
+    assert model.encoder_q.head[-1].out_features == cfg.model.dim == 16
+    assert model.queue.keys.shape == (64, 16)

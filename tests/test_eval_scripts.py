@@ -1,0 +1,177 @@
+"""The three evaluation scripts end to end on tiny synthetic data, as a user runs them."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from moco.errors import ConfigError
+from moco.eval.validate import validate_eval
+from moco.train import pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = [
+    "data=synthetic",
+    "data.num_train=100",
+    "data.num_test=50",
+    "data.image_size=16",
+    "features.progress=false",
+]
+
+
+def compose_cfg(name, overrides):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A real (tiny) pretraining checkpoint: 2 steps on 16 px synthetic images."""
+    run_dir = tmp_path_factory.mktemp("pretrain")
+    cfg = compose_cfg(
+        "pretrain",
+        [
+            "data=synthetic",
+            "data.num_train=32",
+            "data.num_test=16",
+            "data.image_size=16",
+            "data.batch_size=16",
+            "model.bn_splits=2",
+            "model.queue_size=64",
+            "trainer.max_steps=2",
+            "+trainer.enable_progress_bar=false",
+        ],
+    )
+    return pretrain(cfg, run_dir)
+
+
+def run(script, tmp_path, *overrides, expect=0):
+    out_dir = tmp_path / script
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / f"{script}.py"),
+            *overrides,
+            f"hydra.run.dir={out_dir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == expect, proc.stderr[-3000:]
+    return out_dir, proc
+
+
+def test_knn_eval_on_a_checkpoint(checkpoint, tmp_path):
+    out, proc = run(
+        "knn_eval",
+        tmp_path,
+        f"checkpoint={checkpoint}",
+        *DATA,
+        "data.image_size=32",
+        f"features.cache_dir={tmp_path / 'cache'}",
+    )
+    summary = json.loads((out / "knn.json").read_text())
+    assert summary["image_size"] == 16  # taken from the checkpoint, not from data.image_size=32
+    assert (summary["num_train"], summary["num_test"], summary["feature_dim"]) == (100, 50, 512)
+    rows = list(csv.DictReader((out / "knn.csv").open()))
+    assert len(rows) == 5 * 6 and {r["k"] for r in rows} == {"10", "20", "50", "100", "200"}
+    top1 = {(int(r["k"]), float(r["temperature"])): float(r["top1"]) for r in rows}
+    assert summary["top1"]["top1"] == top1[(200, 0.1)]
+    assert summary["best"]["top1"] == max(top1.values()) > 10.0  # better than chance on 10 classes
+    assert "k=200, T=0.1" in proc.stdout
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # train and test features cached
+
+
+def test_linear_probe_with_augmentation_keeps_the_checkpoint_frozen(checkpoint, tmp_path):
+    out, proc = run(
+        "linear_probe",
+        tmp_path,
+        f"checkpoint={checkpoint}",
+        *DATA,
+        "optimizer=adam",
+        "probe.epochs=2",
+        "probe.batch_size=25",
+        "probe.augment=true",
+        "features.cache_dir=null",
+    )
+    summary = json.loads((out / "probe.json").read_text())
+    assert (
+        summary["optimizer"] == "adam"
+        and summary["optimizer_config"]["_target_"] == "moco.optim.Adam"
+    )
+    conf_lr = compose_cfg("probe", ["checkpoint=raw"]).probe.lr_by_optimizer.adam
+    assert summary["lr"] == conf_lr and summary["augment"] is True
+    assert 0.0 <= summary["top1"] <= summary["top5"] <= 100.0
+    assert (
+        len(list(csv.DictReader((out / "losses.csv").open()))) == 2 * 4
+    )  # 100 images / 25 per step
+    assert "encoder unchanged" in proc.stdout
+
+
+def test_compare_optimizers_on_raw_pixels(tmp_path):
+    out, proc = run(
+        "compare_optimizers",
+        tmp_path,
+        "checkpoint=raw",
+        *DATA,
+        "probe.epochs=3",
+        "features.cache_dir=null",
+        "optimizers.adam.lr=0.05",
+    )
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert [r["optimizer"] for r in rows] == [
+        "sgd",
+        "momentum",
+        "nesterov",
+        "adagrad",
+        "rmsprop",
+        "adam",
+    ]
+    assert float(rows[-1]["lr"]) == 0.05
+    assert all(
+        float(r["top1"]) > 10.0 for r in rows
+    )  # raw synthetic patterns are partly linearly separable
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with (out / "losses.csv").open() as f:
+        assert next(csv.reader(f)) == [
+            "step",
+            "sgd",
+            "momentum",
+            "nesterov",
+            "adagrad",
+            "rmsprop",
+            "adam",
+        ]
+
+
+def test_user_mistake_is_one_line_exit_2_and_leaves_no_run_dir(tmp_path):
+    out, proc = run("knn_eval", tmp_path, f"checkpoint={tmp_path / 'nope.ckpt'}", *DATA, expect=2)
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: checkpoint=")
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "name,override,message",
+    [
+        ("knn", "knn.ks=[0,5]", "knn.ks"),
+        ("knn", "knn.report.k=7", "knn.report"),
+        ("knn", "features.layer=neck", "features.layer"),
+        ("probe", "probe.normalize=zscore", "probe.normalize"),
+        ("compare", "optimizers.sgd.lr=0", "optimizer sgd"),
+    ],
+)
+def test_invalid_configs_are_refused_before_any_work(name, override, message):
+    cfg = compose_cfg(name, ["checkpoint=raw", *DATA, override])
+    with pytest.raises(ConfigError, match=message):
+        validate_eval(cfg)
+
+
+def test_missing_checkpoint_value_is_a_config_error():
+    with pytest.raises(ConfigError, match="checkpoint is required"):
+        validate_eval(compose_cfg("knn", DATA))
