@@ -12,6 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class SplitBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose training-mode statistics are computed per split of the batch.
 
@@ -37,7 +43,9 @@ class SplitBatchNorm(nn.BatchNorm2d):
             out = self._norm(
                 folded, self.running_mean.repeat(splits), self.running_var.repeat(splits), splits
             )
-            return out.reshape(n, c, h, w)
+            # The fold is a copy in NCHW; give the next layer the layout it was given (NHWC
+            # when the encoder runs channels_last), or every later conv pays a conversion.
+            return out.reshape(n, c, h, w).contiguous(memory_format=_memory_format(x))
         # Batch not divisible (e.g. a short last batch): normalise each split on its own.
         out = torch.empty_like(x)
         means, vars_ = [], []

@@ -8,7 +8,19 @@ from moco.encoders import BACKBONES, HEADS
 from moco.errors import ConfigError
 from moco.optim.schedules import SCHEDULES
 
-PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64", "64-true")
+PRECISIONS = (
+    "auto",
+    "32",
+    "16",
+    "bf16",
+    "16-true",
+    "32-true",
+    "bf16-mixed",
+    "16-mixed",
+    "bf16-true",
+    "64",
+    "64-true",
+)
 
 
 def _check(condition: bool, message: str) -> None:
@@ -68,7 +80,7 @@ def validate_pretrain(cfg: DictConfig) -> None:
         f"trainer.precision={trainer.precision} is unknown: use one of {list(PRECISIONS)}",
     )
     _check(
-        trainer.max_epochs > 0 or trainer.max_steps > 0,
+        (trainer.max_epochs or -1) > 0 or (trainer.max_steps or -1) > 0,
         "set trainer.max_epochs or trainer.max_steps to a positive number",
     )
 

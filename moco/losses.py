@@ -15,7 +15,8 @@ def info_nce(
     # Computed in fp32 even under bf16/fp16 autocast: with T=0.07 a logit of 14 in bf16 is off
     # by up to 0.06, comparable to the gap between a hard negative and the positive.
     with torch.autocast(device_type=q.device.type, enabled=False):
-        q, k, negatives = q.float(), k.float(), negatives.float()
+        # Gradients reach only the queries: keys and negatives are targets, never trained.
+        q, k, negatives = q.float(), k.detach().float(), negatives.detach().float()
         pos = (q * k).sum(dim=1, keepdim=True)  # N x 1
         neg = q @ negatives.T  # N x K
         logits = torch.cat([pos, neg], dim=1) / temperature  # N x (1+K)

@@ -1,6 +1,7 @@
 """MoCo as a LightningModule: composes the encoders, the momentum update, the queue and InfoNCE."""
 
 import copy
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -115,8 +116,13 @@ class MoCo(pl.LightningModule):
         lr = hp.optimizer["lr"] * self.global_batch_size() / hp.lr_reference_batch
         optimizer = hydra.utils.instantiate(hp.optimizer, params=self.encoder_q.parameters(), lr=lr)
         total_steps = self._total_steps = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(
-            self.trainer.num_training_batches // self.trainer.accumulate_grad_batches, 1
+        batches = self.trainer.num_training_batches
+        # With only max_steps set, Lightning may not know the epoch length (inf): then an
+        # "epoch" of warm-up is taken to be the whole run.
+        steps_per_epoch = (
+            max(int(batches) // self.trainer.accumulate_grad_batches, 1)
+            if math.isfinite(batches)
+            else total_steps
         )
         warmup_steps = min(
             round(hp.scheduler.get("warmup_epochs", 0) * steps_per_epoch), total_steps

@@ -169,19 +169,10 @@ def test_channels_last_input_gives_the_same_result():
     torch.testing.assert_close(b.running_mean, a.running_mean, **TOL)
 
 
-CHANNELS_LAST_XFAIL = pytest.mark.xfail(
-    reason="moco/batchnorm.py SplitBatchNorm.forward fast path: the reshape to (n/s, s*c, h, w) "
-    "and back returns an NCHW-contiguous copy, so every SplitBatchNorm turns channels_last "
-    "activations back into NCHW",
-    raises=AssertionError,
-    strict=True,
-)
-
-
 @pytest.mark.parametrize(
     "n",
     [
-        pytest.param(8, id="divisible", marks=CHANNELS_LAST_XFAIL),
+        pytest.param(8, id="divisible"),
         pytest.param(7, id="non-divisible"),
     ],
 )

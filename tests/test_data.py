@@ -150,12 +150,6 @@ def test_read_idx_truncated_header_raises_value_error(tmp_path):
         read_idx(path)
 
 
-@pytest.mark.xfail(
-    reason="moco/data/idx.py read_idx: a cut-off gzip stream (interrupted download) raises "
-    "gzip's EOFError, not ValueError, so callers that handle ValueError miss it",
-    raises=EOFError,
-    strict=True,
-)
 def test_read_idx_truncated_gzip_stream_raises_value_error(tmp_path):
     compressed = gzip.compress(idx_bytes(np.zeros((40, 28, 28), dtype=np.uint8)))
     path = tmp_path / "cut-idx3-ubyte.gz"
@@ -241,12 +235,6 @@ def test_fashion_mnist_missing_raises_data_error_with_the_fix(compose, tmp_path)
     assert "\n" not in message
 
 
-@pytest.mark.xfail(
-    reason="moco/data/datasets.py _fashion_mnist: a corrupt idx file in data.root surfaces as a "
-    "raw ValueError from read_idx (a traceback), not as a one-line DataError",
-    raises=ValueError,
-    strict=True,
-)
 def test_fashion_mnist_corrupt_file_raises_data_error(compose, tmp_path):
     write_fashion_mnist(tmp_path / "fm")
     path = tmp_path / "fm" / "train-images-idx3-ubyte.gz"

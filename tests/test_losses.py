@@ -72,12 +72,6 @@ def test_gradient_flows_to_q_with_the_reference_value():
     torch.testing.assert_close(q.grad, q2.grad, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.xfail(
-    reason="moco/losses.py info_nce does not stop the gradient of k and negatives itself; it "
-    "relies on the caller (MoCo computes keys under no_grad and clones the queue buffer)",
-    raises=AssertionError,
-    strict=True,
-)
 def test_gradient_does_not_flow_to_keys_or_negatives_even_if_they_require_it():
     q = unit(3, 4, seed=5).requires_grad_()
     k = unit(3, 4, seed=6).requires_grad_()

@@ -61,12 +61,6 @@ def test_unknown_schedule_raises_config_error():
         lr_factor(5, 10, "linear")
 
 
-@pytest.mark.xfail(
-    reason="moco/optim/schedules.py lr_factor returns the warm-up factor before looking at the "
-    "name, so a misspelt scheduler trains silently through the warm-up and crashes after it",
-    raises=pytest.fail.Exception,  # "DID NOT RAISE"
-    strict=True,
-)
 def test_unknown_schedule_raises_even_during_warmup():
     with pytest.raises(ConfigError):
         lr_factor(0, 10, "linear", warmup_steps=5)

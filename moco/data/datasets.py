@@ -80,8 +80,12 @@ def _fashion_mnist(cfg, split: str) -> TensorImages:
     for place in places:
         images_path, labels_path = _find_idx(place, image_stem), _find_idx(place, label_stem)
         if images_path and labels_path:
-            images = read_idx(images_path).unsqueeze(1)  # N x 1 x 28 x 28
-            return TensorImages(images, read_idx(labels_path).long())
+            try:
+                images = read_idx(images_path).unsqueeze(1)  # N x 1 x 28 x 28
+                labels = read_idx(labels_path).long()
+            except ValueError as exc:
+                raise DataError(f"{exc}: delete the file and get it again") from None
+            return TensorImages(images, labels)
     if cfg.download and cfg.root:
         try:
             ds = torchvision.datasets.FashionMNIST(

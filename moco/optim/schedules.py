@@ -24,10 +24,10 @@ def lr_factor(
       drops 10x at epochs 120 and 160 of 200, i.e. milestones 0.6 and 0.8);
     - constant: 1.
     """
+    if name not in SCHEDULES:
+        raise ConfigError(f"unknown scheduler '{name}': choose one of {list(SCHEDULES)}")
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
-    if name == "constant":
-        return 1.0
     if name == "cosine":
         span = max(total_steps - warmup_steps, 1)
         progress = min((step - warmup_steps) / span, 1.0)
@@ -35,4 +35,4 @@ def lr_factor(
     if name == "step":
         passed = sum(step >= m * total_steps for m in milestones)
         return gamma**passed
-    raise ConfigError(f"unknown scheduler '{name}': choose one of {list(SCHEDULES)}")
+    return 1.0  # constant
