@@ -10,6 +10,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from moco.config import validate_pretrain
 from moco.data import PretrainDataModule
+from moco.eval.monitor import KNNMonitor
 from moco.hardware import resolve_precision
 
 
@@ -34,6 +35,7 @@ def pretrain(cfg: DictConfig, run_dir: Path) -> Path:
     datamodule = PretrainDataModule(cfg.data, cfg.augment)
     datamodule.setup("fit")  # load (and check) the data before anything is written
     model = hydra.utils.instantiate(cfg.model)
+    monitor = KNNMonitor.from_config(cfg.eval, cfg.data)  # None when eval.enabled=false
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -51,7 +53,8 @@ def pretrain(cfg: DictConfig, run_dir: Path) -> Path:
         **trainer_args,
         default_root_dir=run_dir,
         logger=_loggers(run_dir),
-        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step")],
+        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step")]
+        + ([monitor] if monitor else []),
         enable_model_summary=False,
     )
     trainer.fit(model, datamodule=datamodule)

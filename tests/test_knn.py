@@ -1,5 +1,7 @@
 """faiss kNN against a brute-force torch reference; feature extraction; the online kNN monitor."""
 
+from pathlib import Path
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -211,18 +213,10 @@ def make_trainer(tmp_path, monitor, epochs=2, **kwargs):
 
 def test_monitor_logs_knn_top1_equal_to_offline_knn(tmp_path):
     data = synthetic_cfg()
-    cfg = OmegaConf.create(
-        {
-            "enabled": True,
-            "every_n_epochs": 2,
-            "k": 20,
-            "temperature": 0.1,
-            "bank_size": 40,
-            "test_size": None,
-            "batch_size": 32,
-            "layer": "backbone",
-        }
-    )
+    conf = Path(__file__).resolve().parents[1] / "conf" / "eval" / "knn_monitor.yaml"
+    overrides = {"every_n_epochs": 2, "k": 20, "bank_size": 40, "test_size": None, "batch_size": 32}
+    cfg = OmegaConf.merge(OmegaConf.load(conf), overrides)
+    assert cfg.enabled and cfg.temperature == 0.1 and cfg.layer == "backbone"
     monitor = KNNMonitor.from_config(cfg, data)
     assert len(monitor.bank) == 40 and len(monitor.test) == 30
     calls = []
@@ -234,7 +228,7 @@ def test_monitor_logs_knn_top1_equal_to_offline_knn(tmp_path):
     assert trainer.callback_metrics["knn_top1"].item() == pytest.approx(
         offline_top1(data, 20, 0.1, 40), abs=1e-4
     )
-    assert KNNMonitor.from_config(OmegaConf.create({"enabled": False}), data) is None
+    assert KNNMonitor.from_config(OmegaConf.merge(cfg, {"enabled": False}), data) is None
     for bad in ({"k": 0}, {"temperature": 0.0}, {"bank_size": 0}, {"layer": "neck"}):
         with pytest.raises(ConfigError, match=f"eval.{next(iter(bad))}"):
             KNNMonitor.from_config(OmegaConf.merge(cfg, bad), data)
@@ -247,7 +241,14 @@ def test_monitor_under_ddp_matches_one_process(tmp_path):
         num_train=61, num_test=31
     )  # odd sizes: shards of unequal length get padded
     monitor = KNNMonitor(
-        data, every_n_epochs=1, k=20, temperature=0.1, bank_size=None, batch_size=16
+        data,
+        every_n_epochs=1,
+        k=20,
+        temperature=0.1,
+        bank_size=None,
+        test_size=None,
+        batch_size=16,
+        layer="backbone",
     )
     trainer = make_trainer(tmp_path, monitor, epochs=1, devices=2, strategy="ddp_spawn")
     trainer.fit(FrozenEncoderModule())

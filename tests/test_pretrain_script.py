@@ -60,7 +60,12 @@ def test_two_epochs_write_checkpoints_and_lower_the_loss(tmp_path):
     assert f"Last checkpoint: {checkpoints / 'last.ckpt'}" in result.stdout
     assert (run_dir / "config.yaml").is_file()
 
-    losses = epoch_losses(run_dir / "logs" / "metrics.csv")
+    metrics = run_dir / "logs" / "metrics.csv"
+    with metrics.open() as f:  # the online kNN monitor is on by default: one value per epoch
+        knn = [float(r["knn_top1"]) for r in csv.DictReader(f) if r.get("knn_top1")]
+    assert len(knn) == 2 and all(10.0 < v <= 100.0 for v in knn), knn  # %; chance is 10
+
+    losses = epoch_losses(metrics)
     assert len(losses) == 2
     assert losses[1] < losses[0], f"loss did not go down: {losses}"
 

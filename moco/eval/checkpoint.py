@@ -59,14 +59,14 @@ def _load(path: Path) -> dict:
         # weights_only: tensors and plain containers only; a pickle that would run code is refused.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower():
+        if "unsupported global" in str(exc).lower():  # a class or function the file wants called
             raise DataError(
                 f"{path} holds objects other than tensors and plain values; it is refused because "
                 "loading it would execute code: use a checkpoint from scripts/pretrain.py"
             ) from None
         raise DataError(
-            f"{path} is not a readable PyTorch checkpoint (not a pickle): "
-            "give a .ckpt written by scripts/pretrain.py"
+            f"{path} is not a readable PyTorch checkpoint: give a .ckpt written by "
+            "scripts/pretrain.py"
         ) from None
     except Exception as exc:  # truncated zip, empty file, ...
         raise DataError(

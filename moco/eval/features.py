@@ -57,10 +57,8 @@ def eval_dataset(data_cfg, split: str, limit: int | None = None, seed: int = 0) 
     dataset = load_dataset(data_cfg, split)
     dataset.transform = eval_transform(data_cfg)
     if limit is not None and limit < len(dataset):
-        indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[
-            :limit
-        ]
-        dataset = Subset(dataset, indices.sort().values.tolist())
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+        dataset = Subset(dataset, order[:limit].sort().values.tolist())
     return dataset
 
 
@@ -99,6 +97,8 @@ def extract_features(
     finally:
         for module, mode in modes:
             module.train(mode)
+    if features is None:  # an empty data set (e.g. a DDP shard of a tiny bank)
+        features = torch.empty(0, 0)
     return features, labels
 
 

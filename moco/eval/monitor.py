@@ -26,13 +26,14 @@ class KNNMonitor(pl.Callback):
     def __init__(
         self,
         data_cfg: DictConfig,
-        every_n_epochs: int = 1,
-        k: int = 200,
-        temperature: float = 0.1,
-        bank_size: int | None = None,
-        test_size: int | None = None,
-        batch_size: int = 512,
-        layer: str = "backbone",
+        *,
+        every_n_epochs: int,
+        k: int,
+        temperature: float,
+        bank_size: int | None,
+        test_size: int | None,
+        batch_size: int,
+        layer: str,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -44,35 +45,18 @@ class KNNMonitor(pl.Callback):
 
     @classmethod
     def from_config(cls, eval_cfg: DictConfig, data_cfg: DictConfig) -> "KNNMonitor | None":
-        """The monitor that conf/eval/knn_monitor.yaml describes, or None when it is disabled."""
-        if not eval_cfg.get("enabled", False):
+        """The monitor conf/eval/knn_monitor.yaml describes (checked), or None when disabled."""
+        if not eval_cfg.enabled:
             return None
-        args = {
-            key: eval_cfg[key]
-            for key in (
-                "every_n_epochs",
-                "k",
-                "temperature",
-                "bank_size",
-                "test_size",
-                "batch_size",
-                "layer",
-            )
-            if key in eval_cfg
-        }
+        c = eval_cfg
         checks = [
-            (args.get("every_n_epochs", 1) >= 1, "eval.every_n_epochs must be >= 1"),
-            (args.get("k", 1) >= 1, "eval.k must be >= 1"),
-            (args.get("temperature", 1) > 0, "eval.temperature must be > 0"),
-            (args.get("batch_size", 1) >= 1, "eval.batch_size must be >= 1"),
-            (args.get("layer", "backbone") in LAYERS, f"eval.layer must be one of {list(LAYERS)}"),
-        ]
-        checks += [
-            (
-                args.get(key) is None or args[key] >= 1,
-                f"eval.{key} must be >= 1 or null (all images)",
-            )
-            for key in ("bank_size", "test_size")
+            (c.every_n_epochs >= 1, "eval.every_n_epochs must be >= 1"),
+            (c.k >= 1, "eval.k must be >= 1"),
+            (c.temperature > 0, "eval.temperature must be > 0"),
+            (c.batch_size >= 1, "eval.batch_size must be >= 1"),
+            (c.layer in LAYERS, f"eval.layer must be one of {list(LAYERS)}"),
+            (c.bank_size is None or c.bank_size >= 1, "eval.bank_size must be >= 1 or null (all)"),
+            (c.test_size is None or c.test_size >= 1, "eval.test_size must be >= 1 or null (all)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -80,7 +64,8 @@ class KNNMonitor(pl.Callback):
                     f"{message} (conf/eval/knn_monitor.yaml; "
                     "eval.enabled=false turns the monitor off)"
                 )
-        return cls(data_cfg, **args)
+        keys = ("every_n_epochs", "k", "temperature", "bank_size", "test_size", "batch_size")
+        return cls(data_cfg, **{key: c[key] for key in keys}, layer=c.layer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:

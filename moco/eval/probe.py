@@ -35,13 +35,28 @@ def torch_threads(count: int | None):
         torch.set_num_threads(before)
 
 
-def normalise(features: torch.Tensor, how: str) -> torch.Tensor:
-    """``l2``: unit rows, so one learning rate suits every checkpoint whatever its feature scale."""
+NORMALISATIONS = ("center_l2", "l2", "none")
+
+
+def fit_normaliser(
+    how: str, train_features: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The feature normalisation ``how``, with statistics from the training features only.
+
+    ``center_l2`` subtracts the training mean, then scales rows to unit length; ``l2`` only
+    scales; ``none`` leaves the features as extracted. Unit rows let one learning rate serve any
+    checkpoint. Centring matters for features that share a large common component: those of a
+    random-init ResNet have cosine similarity ~0.997 with each other, and on them a 20-epoch
+    probe reached 73-80% top-1 with ``l2`` but 82-83% with ``center_l2``, with every optimizer.
+    """
+    if how == "center_l2":
+        mean = train_features.mean(0)  # D
+        return lambda x: F.normalize(x - mean, dim=1)
     if how == "l2":
-        return F.normalize(features, dim=1)
+        return lambda x: F.normalize(x, dim=1)
     if how == "none":
-        return features
-    raise ValueError(f"unknown feature normalisation {how!r}: use l2 or none")
+        return lambda x: x
+    raise ValueError(f"unknown feature normalisation {how!r}: use one of {NORMALISATIONS}")
 
 
 def cached_batches(

@@ -53,21 +53,21 @@ def _fmt(value) -> str:
 def plot_loss_curves(
     path: Path, curves: dict[str, np.ndarray], steps_per_epoch: int, title: str
 ) -> None:
-    """Training loss per optimizer against epochs, log scale; each curve a running mean over a
-    tenth of an epoch, because single-batch losses are too noisy to compare six lines."""
+    """Training loss per optimizer against epochs, log scale. Each curve is the trailing mean
+    over the last epoch of steps (fewer at the start): single-batch losses are too noisy to
+    compare six lines."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
-    window = max(1, steps_per_epoch // 10)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, losses in curves.items():
-        losses = np.asarray(losses, dtype=float)
-        if len(losses) >= window:
-            losses = np.convolve(losses, np.ones(window) / window, mode="valid")
-        epochs = (np.arange(len(losses)) + window) / steps_per_epoch
-        ax.plot(epochs, losses, label=label, linewidth=1.2)
+        sums = np.concatenate([[0.0], np.cumsum(np.asarray(losses, dtype=float))])
+        ends = np.arange(1, len(losses) + 1)
+        starts = np.maximum(ends - steps_per_epoch, 0)
+        trailing = (sums[ends] - sums[starts]) / (ends - starts)
+        ax.plot(ends / steps_per_epoch, trailing, label=label, linewidth=1.4)
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss (cross-entropy)")

@@ -24,7 +24,7 @@ from moco.eval.knn import knn_sweep
 from moco.eval.probe import (
     assert_unchanged,
     cached_batches,
-    normalise,
+    fit_normaliser,
     topk_accuracy,
     torch_threads,
     train_linear_probe,
@@ -42,7 +42,7 @@ class Prepared:
     loaded: EvalEncoder
     model: FrozenFeatures
     snapshot: dict
-    train: tuple[torch.Tensor, torch.Tensor] | None  # features N x D, labels N
+    train: tuple[torch.Tensor, torch.Tensor]  # features N x D, labels N
     test: tuple[torch.Tensor, torch.Tensor]
     seconds: float  # feature extraction (or cache read)
 
@@ -53,42 +53,34 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare(cfg: DictConfig, with_train: bool = True) -> Prepared:
+def prepare(cfg: DictConfig) -> Prepared:
     """Load the encoder, snapshot its weights, extract (or read cached) features of both splits."""
     f = cfg.features
     loaded = load_encoder(cfg.checkpoint, cfg.data, f.random_init)
-    device = _device(f.device)
+    data_cfg, device = loaded.data_cfg, _device(f.device)
     model = FrozenFeatures(loaded.encoder, f.layer).to(device).requires_grad_(False)
     snapshot = weights_snapshot(model)
-    data_cfg = loaded.data_cfg
-    splits = (["train"] if with_train else []) + ["test"]
-    datasets = {
-        s: eval_dataset(data_cfg, s, f[f"{s}_limit"], f.seed) for s in splits
-    }  # data errors first
+    # Both splits are loaded before any extraction, so a data problem shows at once.
+    datasets = {s: eval_dataset(data_cfg, s, f[f"{s}_limit"], f.seed) for s in ("train", "test")}
     start, out = time.perf_counter(), {}
     for split, dataset in datasets.items():
+
+        def extract(dataset=dataset, split=split):
+            desc = f"features ({split})" if f.progress else None
+            return extract_features(
+                model, dataset, f.batch_size, data_cfg.num_workers, device, desc=desc
+            )
+
         key = cache_key(loaded.source, f.layer, data_cfg, split, f[f"{split}_limit"])
-        out[split] = cached_features(
-            f.cache_dir,
-            key,
-            lambda d=dataset, s=split: extract_features(
-                model,
-                d,
-                f.batch_size,
-                data_cfg.num_workers,
-                device,
-                desc=f"features ({s})" if f.progress else None,
-            ),
-        )
-        labels = out[split][1]
+        out[split] = cached_features(f.cache_dir, key, extract)
+        top = int(out[split][1].max())
         check(
-            int(labels.max()) < data_cfg.num_classes,
-            f"labels go up to {int(labels.max())} but data.num_classes={data_cfg.num_classes}: "
+            top < data_cfg.num_classes,
+            f"labels go up to {top} but data.num_classes={data_cfg.num_classes}: "
             "set data.num_classes",
         )
-    return Prepared(
-        loaded, model, snapshot, out.get("train"), out["test"], time.perf_counter() - start
-    )
+    seconds = time.perf_counter() - start
+    return Prepared(loaded, model, snapshot, out["train"], out["test"], seconds)
 
 
 def _describe(cfg: DictConfig, prep: Prepared) -> dict:
@@ -99,7 +91,7 @@ def _describe(cfg: DictConfig, prep: Prepared) -> dict:
         "image_size": prep.loaded.data_cfg.image_size,
         "layer": cfg.features.layer,
         "feature_dim": test_x.shape[1],
-        "num_train": len(prep.train[0]) if prep.train else None,
+        "num_train": len(prep.train[0]),
         "num_test": len(test_x),
         "feature_seconds": round(prep.seconds, 2),
     }
@@ -146,15 +138,19 @@ def _probe_one(
     prep: Prepared,
     optimizer_cfg: DictConfig,
     name: str,
-    batches=None,
-    steps_per_epoch: int | None = None,
+    augment: bool = False,
 ) -> tuple[dict, np.ndarray]:
     """Train and test one linear layer; then make sure the encoder did not change."""
     p = cfg.probe
-    test_x = normalise(prep.test[0], p.normalize)
-    threads = None  # augmented batches run the encoder: it keeps all threads
-    if batches is None:  # cached features
-        train_x = normalise(prep.train[0], p.normalize)
+    normalise = fit_normaliser(
+        p.normalize, prep.train[0]
+    )  # statistics of un-augmented train features
+    test_x = normalise(prep.test[0])
+    if augment:  # the encoder runs in every step: it keeps all threads
+        batches, steps_per_epoch = _augmented_batches(cfg, prep, normalise)
+        threads = None
+    else:
+        train_x = normalise(prep.train[0])
         batches = cached_batches(train_x, prep.train[1], p.batch_size, p.seed)
         steps_per_epoch = -(-len(train_x) // p.batch_size)
         threads = p.threads
@@ -184,7 +180,7 @@ def _probe_one(
     }, losses.numpy()
 
 
-def _augmented_batches(cfg: DictConfig, prep: Prepared):
+def _augmented_batches(cfg: DictConfig, prep: Prepared, normalise):
     """Batches of features of randomly cropped and flipped training images, through the frozen
     encoder (kept in eval mode: its BatchNorm statistics must not move)."""
     data_cfg, p = prep.loaded.data_cfg, cfg.probe
@@ -204,7 +200,7 @@ def _augmented_batches(cfg: DictConfig, prep: Prepared):
         for images, labels in loader:
             with torch.no_grad():
                 features = prep.model(images.to(device)).float().cpu()
-            yield normalise(features, p.normalize), labels
+            yield normalise(features), labels
 
     return epoch, len(loader)
 
@@ -213,9 +209,8 @@ def run_probe(cfg: DictConfig, out_dir: Path) -> dict:
     """One linear probe; prints and writes probe.json and losses.csv."""
     validate_eval(cfg)
     [(name, optimizer_cfg)] = optimizers(cfg).items()
-    prep = prepare(cfg, with_train=not cfg.probe.augment)
-    batches, steps = _augmented_batches(cfg, prep) if cfg.probe.augment else (None, None)
-    row, losses = _probe_one(cfg, prep, optimizer_cfg, name, batches, steps)
+    prep = prepare(cfg)
+    row, losses = _probe_one(cfg, prep, optimizer_cfg, name, cfg.probe.augment)
     summary = {
         **_describe(cfg, prep),
         **row,

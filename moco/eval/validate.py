@@ -6,6 +6,7 @@ from omegaconf.errors import InterpolationResolutionError
 from moco.data.datasets import LOADERS
 from moco.errors import ConfigError
 from moco.eval.features import LAYERS
+from moco.eval.probe import NORMALISATIONS
 from moco.optim.schedules import SCHEDULES
 
 
@@ -51,8 +52,8 @@ def validate_eval(cfg: DictConfig) -> None:
         check(p.epochs >= 1, f"probe.epochs={p.epochs} must be >= 1")
         check(p.batch_size >= 1, f"probe.batch_size={p.batch_size} must be >= 1")
         check(
-            p.normalize in ("l2", "none"),
-            f"probe.normalize={p.normalize} is unknown: use l2 or none",
+            p.normalize in NORMALISATIONS,
+            f"probe.normalize={p.normalize} is unknown: use one of {list(NORMALISATIONS)}",
         )
         check(
             cfg.scheduler.name in SCHEDULES,
