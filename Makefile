@@ -7,7 +7,7 @@ TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 ARGS ?=
 
-.PHONY: install data pretrain test lint clean
+.PHONY: install data pretrain knn probe compare test lint clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,17 @@ data:
 
 pretrain: install data
 	$(PY) scripts/pretrain.py +experiment=moco_v2 $(ARGS)
+
+# Evaluation of a checkpoint (or CHECKPOINT=raw / random for the baselines).
+CHECKPOINT ?= raw
+knn: install data
+	$(PY) scripts/knn_eval.py checkpoint=$(CHECKPOINT) $(ARGS)
+
+probe: install data
+	$(PY) scripts/linear_probe.py checkpoint=$(CHECKPOINT) $(ARGS)
+
+compare: install data
+	$(PY) scripts/compare_optimizers.py checkpoint=$(CHECKPOINT) $(ARGS)
 
 test: install
 	$(PY) -m pytest $(ARGS)
