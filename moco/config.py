@@ -1,7 +1,6 @@
 """Validation of the composed pretraining config, before any work starts."""
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
 from moco.data.datasets import LOADERS
 from moco.encoders import BACKBONES, HEADS
@@ -34,10 +33,6 @@ def validate_pretrain(cfg: DictConfig) -> None:
     if missing:
         key = sorted(missing)[0]
         raise ConfigError(f"{key} is required: set it on the command line, e.g. {key}=...")
-    try:
-        OmegaConf.resolve(OmegaConf.create(OmegaConf.to_container(cfg)))
-    except MissingMandatoryValue as exc:  # pragma: no cover - missing_keys catches the usual case
-        raise ConfigError(str(exc).splitlines()[0]) from None
 
     data, model, trainer = cfg.data, cfg.model, cfg.trainer
     _check(data.name in LOADERS, f"data.name={data.name} is unknown: use one of {sorted(LOADERS)}")

@@ -241,6 +241,20 @@ class PairDataset(Dataset):
         return (self.a[i], self.b[i]), 0
 
 
+def quiet_cpu_trainer(**kwargs) -> pl.Trainer:
+    """A one-device fp32 CPU Trainer that writes nothing: no logger, checkpoints or bars."""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
 class Snapshots(pl.Callback):
     """Parameters of both encoders at the start and the end of every training batch."""
 
@@ -264,18 +278,7 @@ def test_in_a_trainer_key_encoder_follows_the_query_encoder_of_before_the_step(t
     model, _ = tiny_moco("model.momentum=0.5", "model.momentum_schedule=cosine", "optimizer.lr=3.0")
     expected_m = 0.75
     snaps = Snapshots()
-    trainer = pl.Trainer(
-        max_epochs=1,
-        max_steps=2,
-        accelerator="cpu",
-        devices=1,
-        precision="32-true",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[snaps],
-    )
+    trainer = quiet_cpu_trainer(max_epochs=1, max_steps=2, callbacks=[snaps])
     torch.manual_seed(0)
     trainer.fit(model, DataLoader(PairDataset(16), batch_size=8, drop_last=True))
     assert trainer.global_step == 2 and len(snaps.start) == 2
@@ -311,15 +314,6 @@ def test_in_a_trainer_key_encoder_follows_the_query_encoder_of_before_the_step(t
 
 def test_trainer_with_max_steps_only_can_configure_the_optimizer(tiny_moco):
     model, _ = tiny_moco()
-    trainer = pl.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        devices=1,
-        precision="32-true",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_cpu_trainer(max_steps=1)
     trainer.fit(model, DataLoader(PairDataset(8), batch_size=8, drop_last=True))
     assert trainer.global_step == 1
