@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.lr_scheduler import LambdaLR
 
+from moco.distributed import encode_shuffled, gather, world_size
 from moco.encoders import Encoder, build_backbone, build_head
+from moco.errors import ConfigError
 from moco.losses import contrastive_top1, info_nce
 from moco.momentum import cosine_momentum, momentum_update
 from moco.optim.schedules import lr_factor
 from moco.queue import KeyQueue
-from moco.shuffle import encode_shuffled
 
 
 def _plain(value: Any) -> Any:
@@ -49,6 +50,7 @@ class MoCo(pl.LightningModule):
         momentum_schedule: str,
         temperature: float,
         bn_splits: int,
+        shuffle_bn: bool,
         symmetric: bool,
         channels_last: bool,
         batch_size: int,
@@ -84,7 +86,9 @@ class MoCo(pl.LightningModule):
             loss_21, _, keys_21 = self._contrast(view_k, view_q, negatives)
             loss = loss + loss_21
             keys = torch.cat([keys, keys_21])  # 2N x C
-        self.queue.enqueue(keys)
+        # Every rank enqueues the keys of the whole global batch, in rank order, so the queues
+        # stay identical across ranks and the pointer advances by the global batch.
+        self.queue.enqueue(gather(keys))
 
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         self.log("train/top1", contrastive_top1(logits), prog_bar=True, on_step=True, on_epoch=True)
@@ -94,17 +98,33 @@ class MoCo(pl.LightningModule):
         """InfoNCE of queries from ``im_q`` against keys from ``im_k``; also returns the keys."""
         q = F.normalize(self.encoder_q(im_q), dim=1)  # N x C
         with torch.no_grad():
-            encoder_k = self.encoder_k
-            k = encode_shuffled(encoder_k, im_k) if self.hparams.bn_splits > 1 else encoder_k(im_k)
-            k = F.normalize(k, dim=1)  # N x C
+            k = F.normalize(self._encode_keys(im_k), dim=1)  # N x C
         loss, logits = info_nce(q, k, negatives, self.hparams.temperature)  # logits: N x (1+K)
         return loss, logits, k
+
+    def _encode_keys(self, im_k):
+        # Shuffling only matters when BatchNorm sees groups smaller than the global batch:
+        # SplitBatchNorm splits on one process, or one group per rank under DDP. A single
+        # whole-batch BN is blind to the order, so the shuffle would only cost time.
+        if self.hparams.shuffle_bn and (self.hparams.bn_splits > 1 or world_size() > 1):
+            return encode_shuffled(self.encoder_k, im_k)
+        return self.encoder_k(im_k)
 
     def _current_momentum(self) -> float:
         m = self.hparams.momentum
         if self.hparams.momentum_schedule == "cosine" and self._total_steps:
             return cosine_momentum(m, self.global_step, self._total_steps)
         return m
+
+    def setup(self, stage: str) -> None:
+        # The config check counts devices x nodes; this is the world Lightning really started.
+        keys_per_step = self.global_batch_size() * (2 if self.hparams.symmetric else 1)
+        if keys_per_step > self.queue.size:
+            raise ConfigError(
+                f"model.queue_size={self.queue.size} is smaller than the {keys_per_step} keys "
+                f"enqueued per step by {self.trainer.world_size} processes: raise "
+                "model.queue_size or lower data.batch_size"
+            )
 
     # ---------------------------------------------------------------------------- optimizer
     def global_batch_size(self) -> int:

@@ -25,10 +25,31 @@ def _loggers(run_dir: Path) -> list:
     return loggers
 
 
-def pretrain(cfg: DictConfig, run_dir: Path) -> Path:
+class SaveConfig(pl.Callback):
+    """Writes the resolved config into the run directory, from rank 0 only, once training has
+    been set up (so a run that fails to start leaves no config behind)."""
+
+    def __init__(self, cfg: DictConfig, path: Path) -> None:
+        self.text, self.path = OmegaConf.to_yaml(cfg, resolve=True), path
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(self.text)
+
+
+def _trainer_args(cfg: DictConfig) -> dict:
+    args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    args["precision"] = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    if isinstance(args.get("strategy"), dict):  # e.g. DDPStrategy with options (trainer/ddp.yaml)
+        args["strategy"] = hydra.utils.instantiate(args["strategy"])
+    return args
+
+
+def pretrain(cfg: DictConfig, run_dir: Path) -> Path | None:
     """Train MoCo as ``cfg`` says, writing logs and checkpoints into ``run_dir``.
 
-    Returns the path of the last checkpoint.
+    Returns the path of the last checkpoint on rank 0, None on the other ranks.
     """
     validate_pretrain(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -37,25 +58,25 @@ def pretrain(cfg: DictConfig, run_dir: Path) -> Path:
     model = hydra.utils.instantiate(cfg.model)
     monitor = KNNMonitor.from_config(cfg.eval, cfg.data)  # None when eval.enabled=false
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="epoch{epoch:03d}",
         auto_insert_metric_name=False,
-        save_last=True,
+        save_last="link",  # last.ckpt links to the newest epoch: one file per epoch on disk
         save_top_k=-1,  # keep one checkpoint per epoch
         every_n_epochs=1,
     )
-    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_args["precision"] = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     trainer = pl.Trainer(
-        **trainer_args,
+        **_trainer_args(cfg),
         default_root_dir=run_dir,
         logger=_loggers(run_dir),
-        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step")]
+        callbacks=[
+            SaveConfig(cfg, run_dir / "config.yaml"),
+            checkpoints,
+            LearningRateMonitor(logging_interval="step"),
+        ]
         + ([monitor] if monitor else []),
         enable_model_summary=False,
     )
     trainer.fit(model, datamodule=datamodule)
-    return Path(checkpoints.last_model_path)
+    return Path(checkpoints.last_model_path) if trainer.is_global_zero else None

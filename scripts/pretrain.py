@@ -17,7 +17,8 @@ from moco.train import pretrain
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     checkpoint = pretrain(cfg, Path(HydraConfig.get().runtime.output_dir))
-    print(f"Done. Last checkpoint: {checkpoint}")
+    if checkpoint is not None:  # rank 0
+        print(f"Done. Last checkpoint: {checkpoint}")
 
 
 if __name__ == "__main__":

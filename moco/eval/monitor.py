@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset, Subset
 
+from moco.distributed import broadcast_buffers
 from moco.errors import ConfigError
 from moco.eval.features import LAYERS, FrozenFeatures, eval_dataset, extract_features
 from moco.eval.knn import knn_predict
@@ -76,6 +77,9 @@ class KNNMonitor(pl.Callback):
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
         """kNN top-1 (%) of the current query encoder; to be called on every process."""
         world = trainer.world_size
+        # Under DDP without buffer broadcasts each rank's BN running statistics drift apart:
+        # take rank 0's (the ones its checkpoint saves), so all ranks encode with one model.
+        broadcast_buffers(pl_module.encoder_q)
         bank_x, bank_y = self._features(trainer, pl_module, self.bank, "bank")
         # all_gather needs the same shape everywhere: pad every shard to the longest, label -1.
         longest = -(-len(self.bank) // world)

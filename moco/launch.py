@@ -1,0 +1,84 @@
+"""What the launcher (torchrun or SLURM's srun) tells each process, as OmegaConf resolvers.
+
+With torchrun or srun every process runs the whole script, Hydra included, before any process
+group exists. Left alone, each would name its run directory after its own start time (several
+directories for one run) and write Hydra's files there. These resolvers, used in
+``conf/pretrain.yaml`` and ``conf/trainer/ddp.yaml``, give every process of one launch the same
+run directory, let only rank 0 write Hydra's config files, and size the Lightning Trainer from
+the launcher's own numbers. (When Lightning itself starts the processes, it passes the run
+directory to its children on the command line, and these resolvers see a single process.)
+"""
+
+import os
+from datetime import datetime
+
+from omegaconf import OmegaConf
+
+
+def launched_world_size() -> int:
+    """Processes started by torchrun or srun for this run; 1 for a plain ``python`` start."""
+    for variable in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if variable in os.environ:
+            return int(os.environ[variable])
+    return 1
+
+
+def launched_rank() -> int:
+    for variable in ("RANK", "SLURM_PROCID"):
+        if variable in os.environ:
+            return int(os.environ[variable])
+    return 0
+
+
+def _launch_id() -> str:
+    """An id that every process of one launch shares and a later launch does not."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env and env["TORCHELASTIC_RUN_ID"] != "none":
+        return "torchrun-" + env["TORCHELASTIC_RUN_ID"][:8]  # --standalone: a random id
+    if "SLURM_JOB_ID" in env:
+        return f"slurm-{env['SLURM_JOB_ID']}-{env.get('SLURM_STEP_ID', '0')}"
+    # torchrun without --rdzv-id: only the rendezvous port tells launches apart.
+    return f"torchrun-port{env.get('MASTER_PORT', '0')}"
+
+
+def run_stamp() -> str:
+    """Name of the run directory: the start time, or the day and the launch id if distributed."""
+    if launched_world_size() > 1:
+        return f"{datetime.now():%Y-%m-%d}_{_launch_id()}"
+    return f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
+
+
+def hydra_subdir() -> str | None:
+    """Hydra's ``output_subdir``: written by rank 0 only."""
+    return ".hydra" if launched_rank() == 0 else None
+
+
+def launched_devices(default: str | int = "auto") -> str | int:
+    """Processes per node: the Trainer's ``devices`` must match what the launcher started."""
+    for variable in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if variable in os.environ:
+            return int(os.environ[variable].split("(")[0])  # SLURM may say "2(x3)"
+    return default
+
+
+def launched_nodes(default: int = 1) -> int:
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        return launched_world_size() // int(os.environ["LOCAL_WORLD_SIZE"])
+    if "SLURM_NNODES" in os.environ:
+        return int(os.environ["SLURM_NNODES"])
+    return default
+
+
+def register_resolvers() -> None:
+    # The stamp is cached, like Hydra's own ${now:}: the run directory is resolved more than once
+    # (Lightning reads it again to start its child processes) and must not move in between.
+    if not OmegaConf.has_resolver("moco.run_stamp"):
+        OmegaConf.register_new_resolver("moco.run_stamp", run_stamp, use_cache=True)
+    resolvers = {
+        "moco.hydra_subdir": hydra_subdir,
+        "moco.launched_devices": launched_devices,
+        "moco.launched_nodes": launched_nodes,
+    }
+    for name, function in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function)

@@ -1,0 +1,260 @@
+"""MoCo across processes: real 2-process runs on CPU with gloo, as CI has no GPU.
+
+The helpers of moco/distributed.py run in two processes started by torch.multiprocessing; the
+model runs in a 2-process Lightning DDP fit. Each process saves what it saw to a file and the
+test process compares the files, so a failure shows as a plain assertion here.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from conftest import TINY_OVERRIDES, compose_config
+from pytorch_lightning.strategies import DDPStrategy
+from torch import nn
+
+from moco import MoCo, distributed
+from moco.data import PretrainDataModule
+from moco.launch import launched_devices, launched_nodes, run_stamp
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD = 2
+BATCH = 6  # per rank
+
+
+def _two_ranks(fn, tmp_path: Path) -> list[dict]:
+    """Run ``fn(rank)`` in 2 gloo processes; return what each returned (saved as rank<r>.pt)."""
+    mp.spawn(_init_and_run, args=(fn, tmp_path), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _init_and_run(rank: int, fn, out_dir: Path) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out_dir / 'rendezvous'}", rank=rank, world_size=WORLD
+    )
+    try:
+        torch.save(fn(rank), out_dir / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _own_batch(rank: int) -> torch.Tensor:
+    # Row i of rank r holds the global sample id r*BATCH + i in every entry.
+    ids = torch.arange(rank * BATCH, (rank + 1) * BATCH, dtype=torch.float32)
+    return ids.view(-1, 1, 1, 1).expand(-1, 2, 3, 3).clone()  # B x 2 x 3 x 3
+
+
+def _shuffle_round_trip(rank: int) -> dict:
+    torch.manual_seed(100 + rank)  # different generators: only rank 0's permutation may count
+    images = _own_batch(rank)
+    shuffled, perm = distributed.shuffle_batch(images)
+    restored = distributed.unshuffle_batch(shuffled, perm)
+    # A batch-dependent "encoder": each sample minus the mean of the batch it is encoded in.
+    centred = distributed.encode_shuffled(lambda x: x - x.mean(0, keepdim=True), images)
+    return {
+        "images": images,
+        "shuffled_ids": shuffled[:, 0, 0, 0],
+        "restored": restored,
+        "centred": centred,
+        "gathered": distributed.gather(torch.full((2, 3), float(rank))),
+    }
+
+
+def test_shuffle_across_ranks_mixes_ranks_and_unshuffle_restores_each_rank(tmp_path):
+    ranks = _two_ranks(_shuffle_round_trip, tmp_path)
+    all_ids = torch.cat([r["shuffled_ids"] for r in ranks])
+    # Every global sample is encoded exactly once, on some rank.
+    assert sorted(all_ids.tolist()) == list(range(WORLD * BATCH))
+    for rank, seen in enumerate(ranks):
+        assert torch.equal(seen["restored"], seen["images"])  # own samples, own order
+        ids = seen["shuffled_ids"]
+        others = (ids < rank * BATCH) | (ids >= (rank + 1) * BATCH)
+        assert others.any(), f"rank {rank} encoded only its own samples: {ids.tolist()}"
+        # Sample i's output came back to row i, computed in a batch of other ranks' samples too.
+        own_mean = seen["images"].mean(0, keepdim=True)
+        assert not torch.allclose(seen["centred"], seen["images"] - own_mean)
+    # Gather: rank order, every rank the same result.
+    expected = torch.cat([torch.zeros(2, 3), torch.ones(2, 3)])
+    assert all(torch.equal(r["gathered"], expected) for r in ranks)
+
+
+def _broadcast_bn(rank: int) -> dict:
+    bn = nn.BatchNorm2d(3)
+    bn.train()(torch.randn(4, 3, 2, 2) + rank)  # running stats differ per rank
+    distributed.broadcast_buffers(bn)
+    return {"mean": bn.running_mean, "var": bn.running_var}
+
+
+def test_broadcast_buffers_gives_every_rank_rank0s_statistics(tmp_path):
+    ranks = _two_ranks(_broadcast_bn, tmp_path)
+    assert torch.equal(ranks[0]["mean"], ranks[1]["mean"])
+    assert torch.equal(ranks[0]["var"], ranks[1]["var"])
+
+
+def test_single_process_helpers_are_plain_shuffles():
+    images = _own_batch(0)
+    assert distributed.world_size() == 1 and distributed.rank() == 0
+    assert distributed.gather(images) is images
+    shuffled, perm = distributed.shuffle_batch(images)
+    assert sorted(shuffled[:, 0, 0, 0].tolist()) == images[:, 0, 0, 0].tolist()
+    assert torch.equal(distributed.unshuffle_batch(shuffled, perm), images)
+
+
+# ------------------------------------------------------------------ the model in Lightning DDP
+STEPS = 5
+QUEUE = 4 * BATCH + BATCH // 2  # not a multiple of the global batch: the pointer wraps mid-batch
+
+
+class RecordingMoCo(MoCo):
+    """MoCo whose key encoder normalises with running statistics (eval-mode BN), so that a key
+    depends on its own image only and can be recomputed without the shuffle; it keeps each
+    step's key images for that check."""
+
+    def _contrast(self, im_q, im_k, negatives):
+        self.encoder_k.eval()  # Lightning sets each module's mode itself, so here, every step
+        self.last_im_k = im_k
+        return super()._contrast(im_q, im_k, negatives)
+
+
+class QueueChecker(pl.Callback):
+    """Per step: the queue rows just written hold rank 0's keys then rank 1's; at the end, saves
+    this rank's queue and findings to out_dir/rank<r>.pt."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir, self.key_errors, self.lrs = out_dir, [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.ptr_before = int(pl_module.queue.ptr)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with torch.no_grad():  # this rank's keys, recomputed without any shuffle
+            own = F.normalize(pl_module.encoder_k(pl_module.last_im_k), dim=1)
+        expected = pl_module.all_gather(own).reshape(-1, own.shape[1])  # rank 0, then rank 1
+        rows = (torch.arange(len(expected)) + self.ptr_before) % pl_module.queue.size
+        self.key_errors.append((pl_module.queue.keys[rows] - expected).abs().max().item())
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["initial_lr"])
+
+    def on_train_end(self, trainer, pl_module):
+        findings = {
+            "keys": pl_module.queue.keys.clone(),
+            "ptr": int(pl_module.queue.ptr),
+            "key_errors": self.key_errors,
+            "lrs": self.lrs,
+            "base_lr": pl_module.hparams.optimizer["lr"],
+            "reference_batch": pl_module.hparams.lr_reference_batch,
+        }
+        torch.save(findings, self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+def _ddp_model_run(tmp_path: Path) -> None:
+    """Fit the tiny MoCo for STEPS steps in 2 CPU processes (Lightning DDP, gloo)."""
+    cfg = compose_config([*TINY_OVERRIDES, f"data.batch_size={BATCH}", f"model.queue_size={QUEUE}"])
+    cfg.model._target_ = f"{__name__}.RecordingMoCo"
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        # As conf/trainer/ddp.yaml, with processes spawned from this test process.
+        strategy=DDPStrategy(start_method="spawn", broadcast_buffers=False),
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[QueueChecker(tmp_path)],
+    )
+    model = hydra.utils.instantiate(cfg.model)
+    trainer.fit(model, datamodule=PretrainDataModule(cfg.data, cfg.augment))
+
+
+@pytest.mark.slow
+def test_two_process_fit_keeps_identical_queues_of_both_ranks_keys(tmp_path):
+    _ddp_model_run(tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    global_batch = WORLD * BATCH
+    assert torch.equal(ranks[0]["keys"], ranks[1]["keys"])  # bit-identical queues
+    assert ranks[0]["ptr"] == ranks[1]["ptr"] == STEPS * global_batch % QUEUE
+    for seen in ranks:
+        # Each step wrote, at the old pointer, the keys of rank 0's samples then rank 1's.
+        assert len(seen["key_errors"]) == STEPS
+        assert max(seen["key_errors"]) < 1e-5, seen["key_errors"]
+        # The lr follows the global batch: batch x processes.
+        expected_lr = seen["base_lr"] * global_batch / seen["reference_batch"]
+        assert seen["lrs"] == pytest.approx([expected_lr] * STEPS)
+
+
+# ------------------------------------------------------------------------ torchrun, end to end
+@pytest.mark.slow
+def test_torchrun_two_processes_write_one_run_directory_and_one_checkpoint(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc-per-node=2",
+            str(REPO / "scripts" / "pretrain.py"),
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.max_epochs=1",
+            "eval.enabled=false",
+            "data=synthetic",
+            "data.num_train=64",
+            "data.image_size=8",
+            "data.batch_size=8",
+            "model.bn_splits=2",
+            "model.queue_size=64",
+            "model.dim=16",
+        ],
+        cwd=tmp_path,  # relative run directories land here
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dirs = list((tmp_path / "runs" / "synthetic").iterdir())
+    assert len(run_dirs) == 1, run_dirs  # not one per process
+    run_dir = run_dirs[0]
+    assert "torchrun-" in run_dir.name
+    real_files = [p.name for p in (run_dir / "checkpoints").iterdir() if not p.is_symlink()]
+    assert real_files == ["epoch000.ckpt"]  # one checkpoint, written by rank 0
+    assert (run_dir / "checkpoints" / "last.ckpt").resolve().name == "epoch000.ckpt"
+    assert result.stdout.count("Done. Last checkpoint:") == 1  # printed by rank 0 only
+    checkpoint = torch.load(run_dir / "checkpoints" / "epoch000.ckpt", weights_only=True)
+    # 64 images, 2 processes x batch 8: 4 steps of 16 keys; 64 % 64 = 0 once the queue is full.
+    assert checkpoint["global_step"] == 4
+    assert checkpoint["hyper_parameters"]["batch_size"] == 8
+    assert int(checkpoint["state_dict"]["queue.ptr"]) == 64 % 64
+
+
+def test_launcher_resolvers_read_torchrun_and_slurm(monkeypatch):
+    for variable in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable in ("SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_NNODES", "SLURM_JOB_ID"):
+        monkeypatch.delenv(variable, raising=False)
+    assert launched_devices() == "auto" and launched_nodes() == 1
+    assert "torchrun" not in run_stamp() and "slurm" not in run_stamp()
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abcdef123456")
+    assert launched_devices() == 4 and launched_nodes() == 2
+    assert run_stamp().endswith("_torchrun-abcdef12")
+
+    for variable in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(variable)
+    monkeypatch.setenv("SLURM_NTASKS", "6")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2(x3)")
+    monkeypatch.setenv("SLURM_NNODES", "3")
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    assert launched_devices() == 2 and launched_nodes() == 3
+    assert run_stamp().endswith("_slurm-777-0")
