@@ -147,6 +147,7 @@ def moco_hparams():
         momentum_schedule="constant",
         temperature=0.2,
         bn_splits=2,
+        shuffle_bn=True,
         symmetric=False,
         channels_last=False,
         batch_size=8,

@@ -2,22 +2,29 @@
 
 ``checkpoint=raw`` evaluates the pixels themselves, ``checkpoint=random`` an untrained encoder
 (both go through the same feature and classifier code as a real checkpoint).
+
+Every script that reads a checkpoint goes through ``read_checkpoint``: ``torch.load`` with
+``weights_only=True`` unpickles tensors and plain containers only, so a file whose pickle would
+call a function (``__reduce__``) is refused before anything in it runs.
 """
 
 import hashlib
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from moco.encoders import Encoder, build_backbone, build_head
-from moco.errors import ConfigError, DataError
+from moco.encoders import BACKBONES, Encoder, build_backbone, build_head
+from moco.errors import ConfigError, DataError, MocoUserError
 
 RAW, RANDOM = "raw", "random"
 PREFIX = "encoder_q."  # the query encoder is the one trained by gradient (the key encoder lags it)
-REQUIRED_HPARAMS = ("backbone", "in_channels", "image_size", "head", "dim")
+# The hyper-parameters that fix the encoder's architecture, and the type each must have.
+REQUIRED_HPARAMS = {"backbone": str, "in_channels": int, "image_size": int, "head": str, "dim": int}
+FROM_PRETRAIN = "use a checkpoint as scripts/pretrain.py wrote it"
 
 
 @dataclass
@@ -30,13 +37,160 @@ class EvalEncoder:
     info: dict = field(default_factory=dict)  # what the reports show: path, epoch, global_step
 
 
+# ------------------------------------------------------------------------ reading the file
+def read_checkpoint(path: Path, option: str = "checkpoint") -> dict:
+    """A Lightning checkpoint as a dict, unpickled with ``weights_only=True``.
+
+    ``option`` is the config key the path came from (``checkpoint``, ``resume``), so the error
+    for a missing file names what to change. Raises ConfigError / DataError with one line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"{option}={path} does not exist: give a checkpoint written by scripts/pretrain.py "
+            "(runs/.../checkpoints/last.ckpt)"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"unsupported global: GLOBAL (\S+)", str(exc), re.IGNORECASE)
+        if found:  # a class or function the file wants called while it is read
+            raise DataError(
+                f"{path} was refused: reading it would execute code ({found.group(1)}), "
+                f"not just load tensors; {FROM_PRETRAIN}"
+            ) from None
+        raise DataError(f"{path} is not a readable PyTorch checkpoint: {FROM_PRETRAIN}") from None
+    except Exception as exc:  # truncated zip, empty file, a safetensors file, ...
+        raise DataError(
+            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}): {FROM_PRETRAIN}"
+        ) from None
+    if (
+        isinstance(checkpoint, dict)
+        and checkpoint
+        and all(isinstance(v, torch.Tensor) for v in checkpoint.values())
+    ):  # the likely mix-up: torchvision weights, or an export of scripts/export.py
+        raise DataError(
+            f"{path} holds bare weights (a state dict), not a pretraining checkpoint with its "
+            f"settings: {FROM_PRETRAIN}"
+        )
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise DataError(f"{path} is not a Lightning checkpoint (no state_dict): {FROM_PRETRAIN}")
+    return checkpoint
+
+
+def read_moco_checkpoint(path: Path, option: str = "checkpoint") -> dict:
+    """``read_checkpoint`` plus the check that it holds a MoCo query encoder and its settings."""
+    checkpoint = read_checkpoint(path, option)
+    hparams = checkpoint.get("hyper_parameters")
+    if (
+        not isinstance(hparams, dict)
+        or any(k not in hparams for k in REQUIRED_HPARAMS)
+        or not any(str(k).startswith(PREFIX) for k in checkpoint["state_dict"])
+    ):
+        raise DataError(
+            f"{path} is not a MoCo checkpoint (no encoder_q weights or MoCo hyper-parameters): "
+            "give a checkpoint written by scripts/pretrain.py"
+        )
+    for key, kind in REQUIRED_HPARAMS.items():
+        # bool is an int subclass; in_channels=True is as wrong as in_channels="3".
+        if not isinstance(hparams[key], kind) or isinstance(hparams[key], bool):
+            raise DataError(
+                f"{path}: hyper-parameter {key}={hparams[key]!r} should be a {kind.__name__}; "
+                f"{FROM_PRETRAIN}"
+            )
+    return checkpoint
+
+
+# ---------------------------------------------------------------------- building the encoder
+def query_encoder(checkpoint: dict, path: Path) -> Encoder:
+    """The query encoder that ``checkpoint`` (from ``read_moco_checkpoint``) describes, with its
+    weights; a file whose weights belong to another architecture ends in one DataError line."""
+    hp = checkpoint["hyper_parameters"]
+    try:
+        # Plain BatchNorm: SplitBatchNorm has the same parameters and buffers and, in eval mode,
+        # computes the same thing.
+        net = build_backbone(hp["backbone"], hp["in_channels"], hp["image_size"])
+        head = build_head(hp["head"], net.feature_dim, hp["dim"])
+    except MocoUserError as exc:  # e.g. a backbone this version of the code does not know
+        raise DataError(f"{path}: {exc}") from None
+    encoder = Encoder(net, head, hp.get("channels_last", False))
+    weights = {
+        k[len(PREFIX) :]: v
+        for k, v in checkpoint["state_dict"].items()
+        if isinstance(k, str) and k.startswith(PREFIX)
+    }
+    problem = _mismatch(encoder.state_dict(), weights)
+    if problem:
+        guess = _guess_backbone(weights, hp)
+        if guess and guess != hp["backbone"]:
+            raise DataError(
+                f"{path} holds {guess} weights but its hyper-parameters say "
+                f"backbone={hp['backbone']}: the file was edited or mixed up; {FROM_PRETRAIN}"
+            )
+        raise DataError(
+            f"{path}: the encoder_q weights do not fit the {hp['backbone']} encoder its "
+            f"hyper-parameters describe ({problem}); {FROM_PRETRAIN}"
+        )
+    encoder.load_state_dict(weights)
+    return encoder
+
+
+def _shape(value) -> str:
+    shape = getattr(value, "shape", None)
+    return "x".join(map(str, shape)) if shape is not None else type(value).__name__
+
+
+def _mismatch(expected: dict, given: dict) -> str:
+    """'' when ``given`` fits ``expected`` key for key and shape for shape, else the first
+    difference of each kind (the full lists can run to hundreds of keys)."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    reshaped = [
+        k
+        for k in expected
+        if k in given
+        and not (isinstance(given[k], torch.Tensor) and given[k].shape == expected[k].shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys, first {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys, first {unexpected[0]}")
+    if reshaped:
+        k = reshaped[0]
+        parts.append(
+            f"{len(reshaped)} of another shape, first {k}: "
+            f"{_shape(given[k])} in the file, {_shape(expected[k])} expected"
+        )
+    return "; ".join(parts)
+
+
+def _guess_backbone(weights: dict, hp: dict) -> str | None:
+    """The backbone whose parameter names the file's backbone weights have, if exactly one."""
+    names = {k for k in weights if k.startswith("backbone.")}
+    matches = []
+    for name in BACKBONES:
+        with torch.device("meta"):  # names only: no memory, no initialisation cost
+            keys = build_backbone(name, hp["in_channels"], hp["image_size"]).state_dict()
+        if {f"backbone.{k}" for k in keys} == names:
+            matches.append(name)
+    return matches[0] if len(matches) == 1 else None
+
+
+# ------------------------------------------------------------------------ eval entry point
 def load_encoder(spec: str, data_cfg: DictConfig, random_init: DictConfig) -> EvalEncoder:
     """``spec`` is ``raw``, ``random`` (built from ``random_init``) or the path of a checkpoint."""
     if spec == RAW:
         return EvalEncoder(None, data_cfg, RAW, {"checkpoint": RAW})
     if spec == RANDOM:
         return _random_encoder(data_cfg, random_init)
-    return _checkpoint_encoder(Path(str(spec)).expanduser(), data_cfg)
+    path = Path(str(spec)).expanduser()
+    if not path.is_file():  # the eval scripts also take the two baselines: say so
+        raise ConfigError(
+            f"checkpoint={path} does not exist: give a checkpoint written by "
+            "scripts/pretrain.py (runs/.../checkpoints/last.ckpt), or raw, or random"
+        )
+    return _checkpoint_encoder(path, data_cfg)
 
 
 def _random_encoder(data_cfg: DictConfig, cfg: DictConfig) -> EvalEncoder:
@@ -49,55 +203,17 @@ def _random_encoder(data_cfg: DictConfig, cfg: DictConfig) -> EvalEncoder:
     return EvalEncoder(encoder, data_cfg, source, {"checkpoint": RANDOM, **settings})
 
 
-def _load(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(
-            f"checkpoint={path} does not exist: give a checkpoint written by "
-            "scripts/pretrain.py (runs/.../checkpoints/last.ckpt), or raw, or random"
-        )
-    try:
-        # weights_only: tensors and plain containers only; a pickle that would run code is refused.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "unsupported global" in str(exc).lower():  # a class or function the file wants called
-            raise DataError(
-                f"{path} holds objects other than tensors and plain values; it is refused because "
-                "loading it would execute code: use a checkpoint from scripts/pretrain.py"
-            ) from None
-        raise DataError(
-            f"{path} is not a readable PyTorch checkpoint: give a .ckpt written by "
-            "scripts/pretrain.py"
-        ) from None
-    except Exception as exc:  # truncated zip, empty file, ...
-        raise DataError(
-            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}): "
-            "give a .ckpt written by scripts/pretrain.py"
-        ) from None
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if (
-        not isinstance(hparams, dict)
-        or not isinstance(state, dict)
-        or any(k not in hparams for k in REQUIRED_HPARAMS)
-        or not any(k.startswith(PREFIX) for k in state)
-    ):
-        raise DataError(
-            f"{path} is not a MoCo checkpoint (no encoder_q weights or MoCo hyper-parameters): "
-            "give a checkpoint written by scripts/pretrain.py"
-        )
-    return checkpoint
-
-
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """Hex digest of a file: names the exact weights in caches and export metadata."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with Path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
 def _checkpoint_encoder(path: Path, data_cfg: DictConfig) -> EvalEncoder:
-    checkpoint = _load(path)
+    checkpoint = read_moco_checkpoint(path)
     hp = checkpoint["hyper_parameters"]
     if hp["in_channels"] != data_cfg.channels:
         raise ConfigError(
@@ -106,23 +222,7 @@ def _checkpoint_encoder(path: Path, data_cfg: DictConfig) -> EvalEncoder:
         )
     # Evaluate at the resolution the encoder was trained at (eval_transform resizes to it).
     data_cfg = OmegaConf.merge(data_cfg, {"image_size": hp["image_size"]})
-    # Plain BatchNorm: SplitBatchNorm has the same parameters and buffers and, in eval mode,
-    # computes the same thing.
-    net = build_backbone(hp["backbone"], hp["in_channels"], hp["image_size"])
-    encoder = Encoder(
-        net, build_head(hp["head"], net.feature_dim, hp["dim"]), hp.get("channels_last", False)
-    )
-    weights = {
-        k[len(PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(PREFIX)
-    }
-    try:
-        encoder.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise DataError(
-            f"{path}: the encoder weights do not fit its hyper-parameters "
-            f"({str(exc).splitlines()[0]})"
-        ) from None
-    digest = _sha256(path)
+    encoder = query_encoder(checkpoint, path)
     info = {
         "checkpoint": str(path),
         "epoch": checkpoint.get("epoch"),
@@ -130,4 +230,4 @@ def _checkpoint_encoder(path: Path, data_cfg: DictConfig) -> EvalEncoder:
         "backbone": hp["backbone"],
         "image_size": hp["image_size"],
     }
-    return EvalEncoder(encoder, data_cfg, f"sha256:{digest}", info)
+    return EvalEncoder(encoder, data_cfg, f"sha256:{sha256(path)}", info)

@@ -1,0 +1,145 @@
+"""Export the pretrained query backbone as a plain torchvision ResNet state dict.
+
+The backbone *is* a torchvision ResNet whose ``fc`` was replaced by ``nn.Identity`` (no
+parameters), so its state dict already carries torchvision's key names: a stock
+``torchvision.models.resnet18()`` loads it with ``strict=False`` and reports only ``fc.weight``
+and ``fc.bias`` missing. What torchvision cannot guess is a changed stem (small images: 3x3
+stride-1 ``conv1`` and no max-pool; grey images: 1 input channel), so every export carries those
+facts, in a JSON file next to it and, for safetensors, in the file's own metadata too.
+"""
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moco.errors import ConfigError, DataError
+from moco.eval.checkpoint import query_encoder, read_moco_checkpoint, sha256
+
+FORMATS = {"torchvision": ".pth", "safetensors": ".safetensors"}  # format -> file extension
+
+
+def backbone_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's tensors under torchvision's names, contiguous (NCHW) and detached.
+
+    Contiguous because the training encoder may be channels_last and safetensors stores only
+    dense row-major tensors; the values are unchanged.
+    """
+    return {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
+
+
+def stem_facts(backbone: nn.Module) -> dict:
+    """What plain torchvision must change to rebuild this backbone, read off the module itself
+    (not re-derived from the image size, so it cannot drift from moco/encoders.py)."""
+    conv1, maxpool = backbone.conv1, backbone.maxpool
+    k, s, p = conv1.kernel_size[0], conv1.stride[0], conv1.padding[0]
+    changes = []  # Python lines that turn model = torchvision.models.<architecture>() into it
+    if (conv1.in_channels, k, s, p) != (3, 7, 2, 3):  # torchvision's ImageNet conv1
+        changes.append(
+            f"model.conv1 = nn.Conv2d({conv1.in_channels}, {conv1.out_channels}, "
+            f"kernel_size={k}, stride={s}, padding={p}, bias=False)"
+        )
+    if isinstance(maxpool, nn.Identity):
+        changes.append("model.maxpool = nn.Identity()")
+    return {
+        "small_image_stem": isinstance(maxpool, nn.Identity),
+        "in_channels": conv1.in_channels,
+        "conv1_kernel_size": k,
+        "conv1_stride": s,
+        "conv1_padding": p,
+        "has_maxpool": not isinstance(maxpool, nn.Identity),
+        "stem_changes": changes,  # empty: the stock torchvision model as it is
+    }
+
+
+def default_output(checkpoint: Path, fmt: str) -> Path:
+    """Next to the checkpoint, so the export stays with the run that produced it."""
+    return checkpoint.with_name(f"{checkpoint.stem}_backbone{FORMATS[fmt]}")
+
+
+def metadata_path(output: Path) -> Path:
+    """``<export>.json``: one per export, so a .pth and a .safetensors of one run never collide."""
+    return output.with_name(output.name + ".json")
+
+
+def export_backbone(
+    checkpoint: Path | str, fmt: str, output: Path | str | None = None
+) -> tuple[Path, dict]:
+    """Write the query backbone of a MoCo ``checkpoint`` in format ``fmt`` to ``output`` (or
+    ``default_output``) plus its metadata JSON. Returns the export path and the metadata."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt} is unknown: use one of {list(FORMATS)}")
+    if fmt == "safetensors" and importlib.util.find_spec("safetensors") is None:
+        raise ConfigError(
+            "format=safetensors needs the safetensors package: pip install -e . (it is a "
+            "dependency) or use format=torchvision"
+        )
+    checkpoint = Path(checkpoint).expanduser()
+    output = Path(output).expanduser() if output is not None else default_output(checkpoint, fmt)
+    meta_file = metadata_path(output)
+    if checkpoint.exists() and checkpoint.resolve() in (output.resolve(), meta_file.resolve()):
+        raise ConfigError(f"output={output} would overwrite the checkpoint: choose another path")
+
+    ckpt = read_moco_checkpoint(checkpoint)
+    hp = ckpt["hyper_parameters"]
+    backbone = query_encoder(ckpt, checkpoint).backbone
+    tensors = backbone_state_dict(backbone)
+    meta = {
+        "architecture": hp["backbone"],  # torchvision.models.<architecture>()
+        "format": fmt,
+        "image_size": hp["image_size"],
+        "feature_dim": backbone.feature_dim,
+        **stem_facts(backbone),
+        "missing_on_load": ["fc.weight", "fc.bias"],  # the classifier is not part of pretraining
+        "checkpoint": str(checkpoint.resolve()),
+        "checkpoint_sha256": sha256(checkpoint),
+        "epoch": ckpt.get("epoch"),
+        "global_step": ckpt.get("global_step"),
+    }
+    # Both files are encoded in memory first, so every write is a plain Python file write and a
+    # full disk or a read-only directory shows up as one OSError (torch.save on a path raises a
+    # RuntimeError from C++ instead).
+    _write_atomically(
+        {
+            output: _encode(tensors, meta, fmt),
+            meta_file: (json.dumps(meta, indent=2) + "\n").encode(),
+        }
+    )
+    return output, meta
+
+
+def _encode(tensors: dict, meta: dict, fmt: str) -> bytes:
+    if fmt == "torchvision":
+        buffer = io.BytesIO()
+        torch.save(tensors, buffer)
+        return buffer.getvalue()
+    from safetensors.torch import save  # only this format needs it
+
+    # safetensors metadata is str -> str: strings as they are, everything else as JSON.
+    header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    return save(tensors, metadata=header)
+
+
+def _write_atomically(files: dict[Path, bytes]) -> None:
+    """Write every file to a temporary name in its directory, then rename them all into place:
+    an interrupted export leaves no truncated file, and no weights without their metadata."""
+    temporary = {path: path.with_name(f".{path.name}.tmp") for path in files}
+    path = next(iter(files))
+    try:
+        for path, tmp in temporary.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(files[path])
+        for path, tmp in temporary.items():
+            os.replace(tmp, path)
+    except OSError as exc:
+        for tmp in temporary.values():
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        raise DataError(
+            f"cannot write {path} ({exc.strerror or exc}): set output=... to a writable path"
+        ) from None
