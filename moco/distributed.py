@@ -11,6 +11,8 @@ shuffle-BN exists to close (MoCo paper, Sec. 3.3) stays open. What closes it is 
 key is normalised with *other* samples than its query, which is what the cross-rank shuffle does.
 """
 
+import inspect
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -92,3 +94,21 @@ def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
         return
     for buffer in module.buffers():
         dist.broadcast(buffer, src=src)
+
+
+def ddp_strategy(sync_buffers_every_step: bool = False, **kwargs):
+    """Lightning's DDPStrategy for MoCo: by default without DDP's broadcast of rank 0's buffers
+    before every forward.
+
+    MoCo keeps its queue identical on every rank by gathering all ranks' keys; the broadcast
+    would hide a missing gather and copy the whole queue (K x dim) every step. Buffers are still
+    synced once when DDP wraps the model. BatchNorm running statistics then differ per rank; they
+    only matter in evaluation, which takes rank 0's first (:func:`broadcast_buffers`).
+    """
+    from pytorch_lightning.strategies import DDPStrategy
+    from torch.nn.parallel import DistributedDataParallel
+
+    # torch 2.14 renamed DDP's broadcast_buffers to forward_sync_buffers (same meaning here).
+    options = inspect.signature(DistributedDataParallel.__init__).parameters
+    name = "forward_sync_buffers" if "forward_sync_buffers" in options else "broadcast_buffers"
+    return DDPStrategy(**{name: sync_buffers_every_step}, **kwargs)

@@ -18,7 +18,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import TINY_OVERRIDES, compose_config
-from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
 
 from moco import MoCo, distributed
@@ -163,7 +162,7 @@ def _ddp_model_run(tmp_path: Path) -> None:
         accelerator="cpu",
         devices=WORLD,
         # As conf/trainer/ddp.yaml, with processes spawned from this test process.
-        strategy=DDPStrategy(start_method="spawn", broadcast_buffers=False),
+        strategy=distributed.ddp_strategy(start_method="spawn"),
         max_steps=STEPS,
         logger=False,
         enable_checkpointing=False,
@@ -258,3 +257,14 @@ def test_launcher_resolvers_read_torchrun_and_slurm(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "777")
     assert launched_devices() == 2 and launched_nodes() == 3
     assert run_stamp().endswith("_slurm-777-0")
+
+
+def test_ddp_trainer_config_builds_ddp_without_per_step_buffer_broadcast():
+    from pytorch_lightning.strategies import DDPStrategy
+
+    from moco.train import _trainer_args
+
+    strategy = _trainer_args(compose_config(["trainer=ddp"]))["strategy"]
+    assert isinstance(strategy, DDPStrategy)
+    kwargs = strategy._ddp_kwargs
+    assert kwargs.get("forward_sync_buffers", kwargs.get("broadcast_buffers")) is False
