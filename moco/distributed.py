@@ -44,6 +44,24 @@ def gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def gather_objects(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` for any picklable ``obj`` (``[obj]`` alone)."""
+    if world_size() == 1:
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def all_ranks(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True when ``flag`` is true on every process (a collective: every rank must call it)."""
+    if world_size() == 1:
+        return flag
+    value = torch.tensor(int(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 @torch.no_grad()
 def shuffle_batch(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A random slice of the global batch for this rank, and the permutation to undo it.

@@ -11,3 +11,7 @@ class ConfigError(MocoUserError):
 
 class DataError(MocoUserError):
     """Missing, empty or unreadable data."""
+
+
+class TrainingDiverged(MocoUserError):
+    """The loss or the weights became NaN or infinite; usually fixed by a lower learning rate."""

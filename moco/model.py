@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.lr_scheduler import LambdaLR
 
-from moco.distributed import encode_shuffled, gather, world_size
+from moco.distributed import all_ranks, encode_shuffled, gather, world_size
 from moco.encoders import Encoder, build_backbone, build_head
-from moco.errors import ConfigError
+from moco.errors import ConfigError, TrainingDiverged
 from moco.losses import contrastive_top1, info_nce
 from moco.momentum import cosine_momentum, momentum_update
 from moco.optim.schedules import lr_factor
@@ -89,10 +89,33 @@ class MoCo(pl.LightningModule):
         # Every rank enqueues the keys of the whole global batch, in rank order, so the queues
         # stay identical across ranks and the pointer advances by the global batch.
         self.queue.enqueue(gather(keys))
+        self._stop_if_not_finite(loss)
 
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         self.log("train/top1", contrastive_top1(logits), prog_bar=True, on_step=True, on_epoch=True)
         return loss
+
+    def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
+        # Before backward: the weights are still finite, so the last checkpoint stays usable.
+        # Every rank takes part in the check, so that all of them stop, not just one.
+        finite_here = bool(torch.isfinite(loss.detach()))
+        if not all_ranks(finite_here, self.device):
+            value = loss.item() if not finite_here else "NaN or inf on another process"
+            raise TrainingDiverged(
+                f"the loss became {value} at step {self.global_step}, epoch "
+                f"{self.current_epoch}: lower optimizer.lr or set scheduler.warmup_epochs, then "
+                "resume from the last checkpoint"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Refuse to write weights that cannot be trained or evaluated any more.
+        for name, tensor in checkpoint["state_dict"].items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise TrainingDiverged(
+                    f"{name} holds NaN or inf at step {self.global_step}, epoch "
+                    f"{self.current_epoch}; no checkpoint written: lower optimizer.lr and "
+                    "resume from the last checkpoint"
+                )
 
     def _contrast(self, im_q, im_k, negatives):
         """InfoNCE of queries from ``im_q`` against keys from ``im_k``; also returns the keys."""

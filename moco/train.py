@@ -8,6 +8,12 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
+from moco.checkpointing import (
+    AtomicCheckpointIO,
+    RandomStates,
+    carry_over_metrics,
+    resume_checkpoint,
+)
 from moco.config import validate_pretrain
 from moco.data import PretrainDataModule
 from moco.eval.monitor import KNNMonitor
@@ -57,6 +63,7 @@ def pretrain(cfg: DictConfig, run_dir: Path) -> Path | None:
     datamodule.setup("fit")  # load (and check) the data before anything is written
     model = hydra.utils.instantiate(cfg.model)
     monitor = KNNMonitor.from_config(cfg.eval, cfg.data)  # None when eval.enabled=false
+    resume_from = resume_checkpoint(cfg.resume, run_dir, model)  # None: a fresh start
 
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -65,12 +72,17 @@ def pretrain(cfg: DictConfig, run_dir: Path) -> Path | None:
         save_last="link",  # last.ckpt links to the newest epoch: one file per epoch on disk
         save_top_k=-1,  # keep one checkpoint per epoch
         every_n_epochs=1,
+        # A resumed run rewrites epochNNN.ckpt and moves the last.ckpt link in place; with the
+        # counter, Lightning would write last-v1.ckpt beside the stale link instead.
+        enable_version_counter=False,
     )
     trainer = pl.Trainer(
         **_trainer_args(cfg),
         default_root_dir=run_dir,
         logger=_loggers(run_dir),
+        plugins=[AtomicCheckpointIO()],
         callbacks=[
+            RandomStates(),
             SaveConfig(cfg, run_dir / "config.yaml"),
             checkpoints,
             LearningRateMonitor(logging_interval="step"),
@@ -78,5 +90,13 @@ def pretrain(cfg: DictConfig, run_dir: Path) -> Path | None:
         + ([monitor] if monitor else []),
         enable_model_summary=False,
     )
-    trainer.fit(model, datamodule=datamodule)
+    if resume_from is not None and trainer.is_global_zero:
+        print(f"Resuming from {resume_from.path} (step {resume_from.global_step})")
+        carry_over_metrics(trainer.loggers[0], resume_from)
+    trainer.fit(
+        model,
+        datamodule=datamodule,
+        ckpt_path=resume_from.path if resume_from else None,
+        weights_only=True,
+    )
     return Path(checkpoints.last_model_path) if trainer.is_global_zero else None

@@ -32,6 +32,9 @@ class PretrainDataModule(pl.LightningDataModule):
             # accepts any batch size.
             drop_last=True,
             num_workers=workers,
-            persistent_workers=workers > 0,
+            # Workers start afresh each epoch, seeded from the main process's generator: a run
+            # resumed from a checkpoint then draws the same augmentations as one never stopped
+            # (persistent workers would carry generator states no checkpoint holds).
+            persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
         )

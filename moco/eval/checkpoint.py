@@ -119,7 +119,7 @@ def query_encoder(checkpoint: dict, path: Path) -> Encoder:
         for k, v in checkpoint["state_dict"].items()
         if isinstance(k, str) and k.startswith(PREFIX)
     }
-    problem = _mismatch(encoder.state_dict(), weights)
+    problem = state_dict_mismatch(encoder.state_dict(), weights)
     if problem:
         guess = _guess_backbone(weights, hp)
         if guess and guess != hp["backbone"]:
@@ -140,7 +140,7 @@ def _shape(value) -> str:
     return "x".join(map(str, shape)) if shape is not None else type(value).__name__
 
 
-def _mismatch(expected: dict, given: dict) -> str:
+def state_dict_mismatch(expected: dict, given: dict) -> str:
     """'' when ``given`` fits ``expected`` key for key and shape for shape, else the first
     difference of each kind (the full lists can run to hundreds of keys)."""
     missing = [k for k in expected if k not in given]

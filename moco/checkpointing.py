@@ -1,0 +1,160 @@
+"""Checkpoints a run can continue from exactly: what they hold beyond Lightning's own state, how
+they reach the disk, and which one a run resumes from.
+
+Lightning already saves both encoders, the queue and its pointer (buffers of the module), the
+optimizer and LR-schedule state, epoch and step. Added here: the random-number generators of
+every process, so that the augmentations, the sampler's order and the shuffle-BN permutations
+after a resume are the ones an uninterrupted run would have drawn. Data-loader workers need no
+state of their own: they are started afresh every epoch (PretrainDataModule) and seeded from the
+main process's generator, which is restored.
+"""
+
+import csv
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from moco import distributed
+from moco.errors import ConfigError
+from moco.eval.checkpoint import read_moco_checkpoint, state_dict_mismatch
+
+RESUME_CHOICES = "auto (the newest checkpoint of this run directory), none, or a .ckpt path"
+
+
+# ------------------------------------------------------------------------- random states
+def _local_random_states() -> dict:
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        # numpy's state as tensors and numbers: checkpoints are read with weights_only=True,
+        # which refuses numpy arrays.
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_local_random_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    n = states["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class RandomStates(pl.Callback):
+    """Saves the generators of torch, numpy and Python of every process in each checkpoint and
+    restores this process's on resume."""
+
+    def state_dict(self) -> dict:
+        # Called on every process while a checkpoint is assembled; rank 0 writes the file, so
+        # it must hold the states of all ranks.
+        return {"per_rank": distributed.gather_objects(_local_random_states())}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        per_rank = state_dict["per_rank"]
+        if len(per_rank) != distributed.world_size():
+            pl.utilities.rank_zero_warn(
+                f"the checkpoint holds random states of {len(per_rank)} processes, this run has "
+                f"{distributed.world_size()}: training continues, but not bit for bit"
+            )
+            return
+        _restore_local_random_states(per_rank[distributed.rank()])
+
+
+# ------------------------------------------------------------------------------- writing
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint under a temporary name and renames it into place.
+
+    A process killed mid-write leaves ``<name>.partial`` behind, never a truncated file under the
+    real name, so the previous checkpoints stay intact and ``resume=auto`` ignores the remains.
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        partial = path.with_name(path.name + ".partial")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())  # on disk before the rename makes it visible
+        os.replace(partial, path)
+
+
+# ------------------------------------------------------------------------------ resuming
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The most recently written checkpoint file of ``run_dir``, or None.
+
+    last.ckpt is a link; the files it may point to are considered directly, so a run killed
+    between writing a checkpoint and moving the link still resumes from the newest one.
+    """
+    folder = run_dir / "checkpoints"
+    files = [p for p in folder.glob("*.ckpt") if p.is_file() and not p.is_symlink()]
+    return max(files, key=lambda p: p.stat().st_mtime_ns) if files else None
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    path: Path  # the checkpoint
+    global_step: int  # optimizer steps it was taken after
+
+
+def resume_checkpoint(resume: str, run_dir: Path, model: pl.LightningModule) -> ResumePoint | None:
+    """The checkpoint to continue from (checked to fit ``model``), or None to start fresh."""
+    choice = str(resume)
+    if choice == "none":
+        return None
+    if choice == "auto":
+        path = newest_checkpoint(run_dir)
+        if path is None:
+            return None
+    else:
+        path = Path(choice).expanduser()
+        if path.is_dir():
+            raise ConfigError(f"resume={choice} is a directory: use {RESUME_CHOICES}")
+    checkpoint = read_moco_checkpoint(path, option="resume")
+    problem = state_dict_mismatch(model.state_dict(), checkpoint["state_dict"])
+    if problem:
+        raise ConfigError(
+            f"resume={path} was written by a different model ({problem}): resume with that "
+            f"run's settings (its config.yaml), or start fresh with resume=none"
+        )
+    return ResumePoint(path, int(checkpoint.get("global_step", 0)))
+
+
+def carry_over_metrics(logger: CSVLogger, resume: ResumePoint) -> None:
+    """Keep the rows of the run directory's metrics.csv logged before the resumed step.
+
+    Lightning's CSV writer deletes an existing metrics.csv when it starts; without this, a
+    resumed run's log would begin at the resumed epoch. Rows of the interrupted epoch (at or
+    after the checkpoint's step) are dropped: that epoch is trained again.
+    """
+    path = Path(logger.log_dir) / "metrics.csv"
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        rows = [
+            {key: float(value) for key, value in row.items() if value not in ("", None)}
+            for row in csv.DictReader(f)
+        ]
+    kept = [r for r in rows if "step" in r and r["step"] < resume.global_step]
+    for row in kept:
+        row["step"] = int(row["step"])
+        if "epoch" in row:
+            row["epoch"] = int(row["epoch"])
+    logger.experiment.metrics[:0] = kept  # written with the resumed run's first rows
