@@ -1,6 +1,7 @@
 """Validation of the composed pretraining config, before any work starts."""
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from moco.data.datasets import LOADERS
 from moco.encoders import BACKBONES, HEADS
@@ -22,17 +23,67 @@ PRECISIONS = (
 )
 
 
+# Values compared with numbers below: a wrong type (model.temperature=abc, data.batch_size=16.5,
+# model.queue_size=null) must be a ConfigError too, not a TypeError with a traceback.
+_WHOLE_NUMBERS = (
+    "data.batch_size",
+    "data.num_workers",
+    "model.dim",
+    "model.queue_size",
+    "model.bn_splits",
+    "trainer.num_nodes",
+)
+_WHOLE_NUMBERS_OR_NULL = ("trainer.max_epochs", "trainer.max_steps")
+_NUMBERS = ("model.temperature", "model.momentum", "optimizer.lr")
+_BOOLEANS = ("model.symmetric",)
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
 
+def _show(value) -> str:
+    """A value as written on the command line (null, true) or, for a string, quoted."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _check_types(cfg: DictConfig) -> None:
+    def value(key: str):
+        return OmegaConf.select(cfg, key)
+
+    for key in _WHOLE_NUMBERS + _WHOLE_NUMBERS_OR_NULL:
+        v = value(key)
+        ok = (isinstance(v, int) and not isinstance(v, bool)) or (
+            v is None and key in _WHOLE_NUMBERS_OR_NULL
+        )
+        _check(ok, f"{key}={_show(v)} must be a whole number")
+    for key in _NUMBERS:
+        v = value(key)
+        ok = isinstance(v, int | float) and not isinstance(v, bool)
+        _check(ok, f"{key}={_show(v)} must be a number")
+    for key in _BOOLEANS:
+        v = value(key)
+        _check(isinstance(v, bool), f"{key}={_show(v)} must be true or false")
+
+
 def validate_pretrain(cfg: DictConfig) -> None:
     """Raise ConfigError with one actionable line for the first invalid value found."""
-    missing = OmegaConf.missing_keys(cfg)
+    try:  # every ${...} reference, resolved once: a broken one is a user mistake too
+        missing = OmegaConf.missing_keys(cfg)
+        if not missing:
+            OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise ConfigError(
+            f"{exc.full_key}: {reason}: fix or remove this ${{...}} reference"
+        ) from None
     if missing:
         key = sorted(missing)[0]
         raise ConfigError(f"{key} is required: set it on the command line, e.g. {key}=...")
+    _check_types(cfg)
 
     data, model, trainer = cfg.data, cfg.model, cfg.trainer
     _check(data.name in LOADERS, f"data.name={data.name} is unknown: use one of {sorted(LOADERS)}")

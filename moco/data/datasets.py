@@ -9,8 +9,10 @@ from pathlib import Path
 
 import torch
 import torchvision
+import torchvision.transforms.v2.functional
 from torch.utils.data import Dataset
 
+from moco.data.folder import FolderImages
 from moco.data.idx import read_idx
 from moco.data.synthetic import make_synthetic
 from moco.errors import ConfigError, DataError
@@ -32,26 +34,6 @@ class TensorImages(Dataset):
     def __getitem__(self, index: int):
         image = self.images[index]
         return (self.transform(image) if self.transform else image), int(self.labels[index])
-
-
-class FolderImages(Dataset):
-    """Images decoded from files on demand (torchvision ImageFolder layout), as uint8 tensors."""
-
-    def __init__(self, folder: torchvision.datasets.ImageFolder, channels: int, transform=None):
-        self.samples, self.channels, self.transform = folder.samples, channels, transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        mode = (
-            torchvision.io.ImageReadMode.RGB
-            if self.channels == 3
-            else torchvision.io.ImageReadMode.GRAY
-        )
-        image = torchvision.io.decode_image(path, mode=mode)
-        return (self.transform(image) if self.transform else image), label
 
 
 def _expand(root: str | None) -> Path | None:
@@ -86,6 +68,9 @@ def _fashion_mnist(cfg, split: str) -> TensorImages:
             except ValueError as exc:
                 raise DataError(f"{exc}: delete the file and get it again") from None
             return TensorImages(images, labels)
+    # Looked in data.root, then in data.system_root; the last resort is a download into data.root.
+    looked = ", ".join(str(p) for p in places) or "nowhere (data.root and data.system_root unset)"
+    debian = "install the Debian package (apt-get install dataset-fashion-mnist)"
     if cfg.download and cfg.root:
         try:
             ds = torchvision.datasets.FashionMNIST(
@@ -93,24 +78,23 @@ def _fashion_mnist(cfg, split: str) -> TensorImages:
             )
             return TensorImages(ds.data.unsqueeze(1), ds.targets.long())
         except Exception as exc:  # no network, proxy, disk full: all end in the same advice
-            reason = f" (download failed: {type(exc).__name__})"
-    else:
-        reason = ""
-    looked = ", ".join(str(p) for p in places) or "nowhere (data.root is unset)"
+            raise DataError(
+                f"Fashion-MNIST not found in {looked} and its download into data.root failed "
+                f"({type(exc).__name__}): {debian}, or put the four idx .gz files in data.root "
+                "and run again"
+            ) from None
+    download = (
+        "set data.download=true to download it into data.root"
+        if cfg.root
+        else "set data.root=/some/folder data.download=true to download it there"
+    )
     raise DataError(
-        f"Fashion-MNIST not found in {looked}{reason}: install the Debian package "
-        "(apt-get install dataset-fashion-mnist) or put the four idx .gz files in data.root"
+        f"Fashion-MNIST not found in {looked}: {debian}, or {download}, "
+        "or put the four idx .gz files in data.root"
     )
 
 
 # ------------------------------------------------------------------------ other real data sets
-def _require_root(cfg) -> Path:
-    root = _expand(cfg.root)
-    if root is None or not root.exists():
-        raise DataError(f"data.root '{cfg.root}' does not exist: set data.root=/path/to/{cfg.name}")
-    return root
-
-
 def _cifar10(cfg, split: str) -> TensorImages:
     try:
         ds = torchvision.datasets.CIFAR10(
@@ -137,18 +121,64 @@ def _stl10(cfg, split: str) -> TensorImages:
     return TensorImages(torch.from_numpy(ds.data), torch.from_numpy(ds.labels).long())
 
 
-def _imagefolder(cfg, split: str) -> FolderImages:
-    root = _require_root(cfg)
-    # root/train and root/test (or root/val) when present; otherwise root itself for every split.
-    candidates = ["test", "val"] if split == "test" else ["train"]
-    folder = next((root / c for c in candidates if (root / c).is_dir()), root)
+_FOLDER_LAYOUT = "one sub-folder of images per class (optionally under train/ and val/)"
+
+
+def _class_folders(folder: Path) -> list[str]:
     try:
-        images = torchvision.datasets.ImageFolder(str(folder))
-    except (FileNotFoundError, RuntimeError) as exc:
+        return torchvision.datasets.folder.find_classes(folder)[0]
+    except FileNotFoundError:
         raise DataError(
-            f"no images in {folder}: data.root must hold one folder per class ({exc})"
+            f"{folder} holds no class folders: data.root must hold {_FOLDER_LAYOUT}"
         ) from None
-    return FolderImages(images, cfg.channels)
+
+
+def _imagefolder(cfg, split: str) -> FolderImages:
+    root = _expand(cfg.root)
+    if root is None or not root.exists():
+        raise DataError(
+            f"data.root={cfg.root} does not exist: set data.root to a folder with {_FOLDER_LAYOUT}"
+        )
+    if not root.is_dir():
+        raise DataError(
+            f"data.root={cfg.root} is a file: it must be a folder with {_FOLDER_LAYOUT}"
+        )
+    # root/train and root/test (or root/val) when present; otherwise root itself for every split.
+    train = root / "train" if (root / "train").is_dir() else root
+    test = next((root / c for c in ("test", "val") if (root / c).is_dir()), None)
+    if test is None and train != root:
+        # Else root itself would be the test set, with train/ as its one class.
+        raise DataError(
+            f"{root} has a train/ folder but no val/ or test/ folder for the kNN bank and the "
+            "linear probe: add one, or move the class folders up into data.root"
+        )
+    folder = test if split == "test" and test is not None else train
+    classes = _class_folders(train)  # the labels of every split: indices into these
+    if len(classes) > cfg.num_classes:
+        # Labels >= num_classes would crash the kNN monitor at the end of the first epoch.
+        raise DataError(
+            f"{train} has {len(classes)} class folders but data.num_classes={cfg.num_classes}: "
+            f"set data.num_classes={len(classes)}"
+        )
+    extra = sorted(set(_class_folders(folder)) - set(classes))
+    if extra:
+        raise DataError(
+            f"{folder} has class folders that {train} lacks ({', '.join(extra[:3])}"
+            f"{', ...' if len(extra) > 3 else ''}): give both the same class folders"
+        )
+    # allow_empty: an empty class folder is no reason to stop; a folder without images is.
+    images = torchvision.datasets.ImageFolder(str(folder), allow_empty=True)
+    if not images.samples:
+        raise DataError(
+            f"the class folders of {folder} hold no image files (.jpg, .png, .webp, .bmp, .tif, "
+            f"...): data.root must hold {_FOLDER_LAYOUT}"
+        )
+    # A test folder may lack some classes: label by class name, as in the training folder.
+    label = {name: i for i, name in enumerate(classes)}
+    images.samples = [(path, label[images.classes[y]]) for path, y in images.samples]
+    dataset = FolderImages(images, cfg.channels)
+    dataset.check_sample()
+    return dataset
 
 
 def _synthetic(cfg, split: str) -> TensorImages:
