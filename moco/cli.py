@@ -1,6 +1,7 @@
 """What every script does around its work: user mistakes end as one line and exit code 2."""
 
 import functools
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -9,27 +10,81 @@ from moco.errors import MocoUserError
 
 
 def _remove_if_only_hydra_files(run_dir: Path) -> None:
-    """Delete a run directory that holds nothing but Hydra's own files, so a failed start
-    leaves nothing half-written behind."""
-    if run_dir.is_dir() and all(
+    """Delete a run directory that holds nothing but Hydra's own files, and the folders above
+    it that this leaves empty, so a failed start leaves nothing half-written behind."""
+    if not run_dir.is_dir() or not all(
         p.name in (".hydra",) or p.suffix == ".log" for p in run_dir.iterdir()
     ):
-        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    stop = Path.cwd().resolve()
+    parent = run_dir.resolve().parent
+    while parent != stop and stop in parent.parents and not any(parent.iterdir()):
+        parent.rmdir()  # e.g. runs/<data>/ made for this run alone
+        parent = parent.parent
+
+
+def _clean_run_dir() -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        _remove_if_only_hydra_files(Path(HydraConfig.get().runtime.output_dir))
 
 
 def exit_on_user_error(task):
-    """Decorator for a Hydra task function: MocoUserError -> 'error: ...' on stderr, exit 2."""
+    """Decorator for a Hydra task function: MocoUserError -> 'error: ...' on stderr, exit 2.
+
+    Any other exception propagates (a bug deserves its traceback), after the same clean-up.
+    """
 
     @functools.wraps(task)
     def wrapper(cfg):
         try:
             return task(cfg)
         except MocoUserError as exc:
-            from hydra.core.hydra_config import HydraConfig
-
-            if HydraConfig.initialized():
-                _remove_if_only_hydra_files(Path(HydraConfig.get().runtime.output_dir))
+            _clean_run_dir()
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+        except BaseException:
+            _clean_run_dir()
+            raise
 
     return wrapper
+
+
+def run_hydra_main(main) -> None:
+    """Call a ``@hydra.main`` function; Hydra's own command-line errors (an unknown group
+    option, a key that does not exist, an override that does not parse) end as one line and
+    exit code 2, like the project's. ``HYDRA_FULL_ERROR=1`` still shows the full traceback."""
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    wants_traceback = bool(os.environ.get("HYDRA_FULL_ERROR"))
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises instead of printing many lines
+    try:
+        main()
+    except (ConfigCompositionException, OverrideParseException) as exc:
+        if wants_traceback:
+            raise
+        print(f"error: {_hydra_error_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _hydra_error_line(exc: Exception) -> str:
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    text = str(exc)
+    if isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file:
+        group, _, name = exc.missing_cfg_file.rpartition("/")
+        return f"{group}={name} is unknown: use one of {', '.join(exc.options)}"
+    if isinstance(exc.__cause__, (ConfigKeyError, ConfigAttributeError)) and text.startswith(
+        "Could not override '"
+    ):
+        key = text.split("'")[1]
+        return (
+            f"{key} is not a key of the config: check its spelling (--cfg job prints the "
+            f"config), or add a new key with +{key}=..."
+        )
+    if isinstance(exc, OverrideParseException):
+        text = f"cannot parse the override {exc.override!r}: {exc.message}"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())

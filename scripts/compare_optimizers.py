@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from moco.cli import exit_on_user_error
+from moco.cli import exit_on_user_error, run_hydra_main
 from moco.eval.runs import run_compare
 
 
@@ -22,4 +22,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_main(main)

@@ -14,7 +14,7 @@ Loading it without this package (see <export>.json for the stem of small or grey
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from moco.cli import exit_on_user_error
+from moco.cli import exit_on_user_error, run_hydra_main
 from moco.errors import ConfigError
 from moco.export import export_backbone, metadata_path
 
@@ -32,4 +32,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_main(main)
