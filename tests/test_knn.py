@@ -11,6 +11,7 @@ from torch import nn
 
 from moco.encoders import Encoder, build_backbone, build_head
 from moco.errors import ConfigError
+from moco.eval import knn
 from moco.eval.features import (
     FrozenFeatures,
     cache_key,
@@ -84,6 +85,74 @@ def test_tiny_temperature_does_not_overflow_and_becomes_nearest_neighbour():
     assert torch.isfinite(scores).all()
     nearest = (F.normalize(xt, dim=1) @ F.normalize(xb, dim=1).T).argmax(1)
     assert torch.equal(scores.argmax(1), yb[nearest])
+
+
+@pytest.fixture
+def split_search(monkeypatch):
+    """Make knn_search split even small query sets over a pool of 3 single-threaded workers
+    (the production minimum block is ~1000 queries at d=128), and count the blocks searched."""
+    blocks = []
+    search_one_thread = knn._search_one_thread
+
+    def counting(index, queries, sims, indices):
+        blocks.append(len(queries))
+        search_one_thread(index, queries, sims, indices)
+
+    monkeypatch.setattr(knn, "_min_blas_rows", lambda dim: 25)
+    monkeypatch.setattr(knn.faiss, "omp_get_max_threads", lambda: 3)
+    monkeypatch.setattr(knn, "_search_one_thread", counting)
+    return blocks
+
+
+@pytest.mark.parametrize("k,temperature", [(1, 0.1), (200, 0.1)])
+def test_split_search_predicts_like_brute_force(split_search, k, temperature):
+    xb, yb, xt, yt = clustered(n_bank=3000, n_test=503)
+    scores = knn_predict(xb, yb, xt, 10, k=k, temperature=temperature)
+    assert sorted(split_search) == [83, 84, 84, 84, 84, 84]  # 2 blocks per worker, every row
+    reference = brute_force_knn(xb, yb, xt, 10, k, temperature)
+    assert torch.equal(scores.argmax(1), reference.argmax(1))
+    torch.testing.assert_close(
+        scores.double(), reference / reference.sum(1, keepdim=True), atol=1e-5, rtol=1e-4
+    )
+
+
+def test_split_search_in_chunks_equals_one_faiss_call(split_search):
+    """Blocks and chunks must land in the right rows: compared with faiss searched in one call."""
+    xb, _, xt, _ = clustered(n_bank=2000, n_test=1000, dim=48)
+    sims, idx = knn_search(xb, xt, k=30, chunk_size=333)  # 4 chunks of 250, 3 x 3 blocks each
+    assert len(split_search) == 4 * 6 and sum(split_search) == 1000
+    index = knn.faiss.IndexFlatIP(48)
+    index.add(knn._normalised(xb))
+    ref_sims, ref_idx = index.search(knn._normalised(xt), 30)
+    torch.testing.assert_close(sims, torch.from_numpy(ref_sims), atol=1e-6, rtol=0)
+    assert (idx == torch.from_numpy(ref_idx)).float().mean() > 0.999  # only float ties differ
+    bf_sims, _ = (F.normalize(xt, dim=1) @ F.normalize(xb, dim=1).T).topk(30, dim=1)
+    torch.testing.assert_close(sims, bf_sims, atol=1e-5, rtol=0)
+
+
+def test_split_blocks_and_threads():
+    assert knn._bounds(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert knn._bounds(0, 0) == []
+    assert [knn._split(possible, 2) for possible in (0, 1, 2, 3, 4, 9)] == [0, 1, 2, 2, 4, 4]
+    assert [knn._split(possible, 1) for possible in (0, 1, 5)] == [0, 1, 1]
+    # faiss 1.15 switches to BLAS at nq * d >= 128000; older versions at nq >= 20.
+    assert knn._min_blas_rows(128) * 128 >= knn.faiss.cvar.distance_compute_blas_threshold
+
+
+def test_one_thread_and_few_queries_match_the_default():
+    xb, _, xt, _ = clustered(n_bank=800, n_test=120)
+    sims, idx = knn_search(xb, xt, k=40)  # fewer queries than a block: one faiss call
+    one_sims, one_idx = knn_search(xb, xt, k=40, num_threads=1)
+    torch.testing.assert_close(sims, one_sims, atol=1e-6, rtol=0)
+    assert (idx == one_idx).float().mean() > 0.999
+
+
+def test_empty_queries_and_empty_bank():
+    xb, _, xt, _ = clustered(n_bank=50, n_test=10)
+    sims, idx = knn_search(xb, xt[:0], k=5)
+    assert sims.shape == (0, 5) and idx.shape == (0, 5)
+    with pytest.raises(ValueError, match="empty"):
+        knn_search(xb[:0], xt, k=5)
 
 
 # ------------------------------------------------------------------------------- features
