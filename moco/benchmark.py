@@ -18,11 +18,14 @@ backward), ``moco_compiled`` (encoders under ``torch.compile``), ``floor_nchw`` 
 without channels_last, to compare both in one process), ``levers`` (micro-timings of the
 momentum update, the queue copy and the loss).
 
-Images per second are the batch over the median step time after warm-up. Peak memory is peak
-resident set size (RSS) on CPU and ``torch.cuda.max_memory_allocated`` on GPU; how it was
-measured is stored next to every number (``memory_method``). With ``isolate=True`` (the
-script's default) every measurement runs in a fresh process and reports its ``ru_maxrss``, so
-no measurement inherits another's memory.
+Images per second are the batch over the median step time after warm-up; the CPU time of the
+process's threads per step (user, system) is recorded too, as it moves much less than wall time
+with the load of other jobs. Peak memory is peak resident set size (RSS) on CPU and
+``torch.cuda.max_memory_allocated`` on GPU; how it was measured is stored next to every number
+(``memory_method``). With ``isolate=True`` (the script's default) every measurement runs in a
+fresh process and reports its ``ru_maxrss``, so no measurement inherits another's memory. With
+``interleave=True`` the step variants run in one process, a step of each in turn
+(:func:`measure_interleaved`): on a shared machine only that makes their ratios fair.
 """
 
 from __future__ import annotations

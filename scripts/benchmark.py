@@ -1,7 +1,7 @@
 """Training speed: compute floor, our MoCo step, an official-style MoCo step, the full loop.
 
-    python scripts/benchmark.py                                  # the default Fashion-MNIST setting
-    python scripts/benchmark.py --batch 64 --queue-size 4096 --warmup 1 --steps 3  # < 2 min
+    python scripts/benchmark.py              # the default Fashion-MNIST setting (~10 min here)
+    python scripts/benchmark.py --batch 64 --queue-size 4096 --steps 3 --warmup 1 --interleave
     python scripts/benchmark.py --interleave --variants floor,moco,official,loop
     python scripts/benchmark.py --interleave --variants floor,floor_nchw   # channels_last
     python scripts/benchmark.py --variants loop_w0,loop_w1,loop_w2 --threads 1,2
@@ -13,7 +13,8 @@ levers. Each comma-separated list of --precision, --channels-last, --threads and
 makes one case per combination. Each measurement runs in a fresh process (peak memory: its
 ru_maxrss) unless --in-process; --interleave runs the step variants of a case in one process,
 a step of each in turn, which is what makes their ratios fair on a machine shared with other
-jobs. Prints one table per case and writes everything to --json.
+jobs. The second line above is a quick run (about a minute here). Prints one table per case
+and writes everything to --json.
 """
 
 import argparse
