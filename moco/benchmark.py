@@ -51,6 +51,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moco.hardware import configure_malloc
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MAIN_VARIANTS = ("floor", "moco", "official", "loop")
 EXTRA_VARIANTS = ("moco_noclone", "moco_compiled", "floor_nchw", "levers")
@@ -76,7 +78,7 @@ class Settings:
     warmup: int = 3
     steps: int = 5
     device: str = "cpu"
-    malloc: str = "default"  # or no-mmap: see configure_malloc
+    malloc: str = "no-mmap"  # as pretraining sets it (conf/pretrain.yaml); or default
     overrides: tuple[str, ...] = ()  # further Hydra overrides, e.g. data.num_train=64
 
     def label(self) -> str:
@@ -84,7 +86,7 @@ class Settings:
         return (
             f"{self.backbone} {self.data} batch {self.batch} K {self.queue_size} "
             f"precision {self.precision} channels_last {'on' if self.channels_last else 'off'} "
-            f"threads {threads}" + ("" if self.malloc == "default" else f" malloc {self.malloc}")
+            f"threads {threads} malloc {self.malloc}"
         )
 
 
@@ -168,27 +170,9 @@ def _build_moco(cfg, device: str):
 
 
 # ---------------------------------------------------------------------------------- memory
-MALLOC_MODES = ("default", "no-mmap")
-
-
-def configure_malloc(mode: str) -> None:
-    """``no-mmap``: glibc serves every allocation from its heap and keeps freed memory.
-
-    By default glibc maps each allocation above 32 MB afresh (mmap) and unmaps it when freed, so
-    every such tensor of every step (a ResNet-18 activation at batch 256 and 28 px is 51 MB,
-    the N x (1+K) logits 64 MB) pays page faults and zeroing again. Same as starting Python with
-    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647.
-    """
-    if mode == "default":
-        return
-    if mode != "no-mmap":
-        raise ValueError(f"unknown malloc mode {mode!r}: use one of {MALLOC_MODES}")
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers
-    if not (libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
-        raise RuntimeError("mallopt failed: is this glibc?")
+def _configure_malloc(mode: str) -> None:
+    if not configure_malloc(mode) and mode != "default":
+        raise RuntimeError(f"malloc={mode} needs glibc's mallopt, which this system lacks")
 
 
 class PeakMemory:
@@ -391,9 +375,9 @@ class OfficialStyleMoCo:
 
         m, d = cfg.model, cfg.data
         torch.manual_seed(0)
-        net = build_backbone(m.backbone, d.channels, d.image_size, m.bn_splits)
+        net = build_backbone(m.backbone, d.channels, d.image_size, m.bn_splits, m.stem)
         self.encoder_q = Encoder(net, build_head(m.head, net.feature_dim, m.dim)).to(device)
-        net = build_backbone(m.backbone, d.channels, d.image_size, m.bn_splits)
+        net = build_backbone(m.backbone, d.channels, d.image_size, m.bn_splits, m.stem)
         self.encoder_k = Encoder(net, build_head(m.head, net.feature_dim, m.dim)).to(device)
         for p_q, p_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters(), strict=True):
             p_k.data.copy_(p_q.data)
@@ -645,7 +629,7 @@ def measure_interleaved(variants: list[str], settings: Settings) -> dict[str, di
         if v not in STEP_MAKERS:
             raise ValueError(f"{v} cannot be interleaved: only {', '.join(STEP_MAKERS)}")
     cfg = compose(settings)
-    configure_malloc(settings.malloc)
+    _configure_malloc(settings.malloc)
     device = settings.device
     with _threads(settings.threads), _quiet():
         steps = {v: STEP_MAKERS[v](cfg, device) for v in variants}
@@ -679,7 +663,7 @@ def measure(variant: str, settings: Settings) -> dict:
     loop = _LOOP.match(variant)
     workers = int(loop.group(1)) if loop and loop.group(1) is not None else None
     cfg = compose(settings, num_workers=workers)
-    configure_malloc(settings.malloc)
+    _configure_malloc(settings.malloc)
     with _threads(settings.threads), _quiet():
         if loop:
             return _measure_loop(cfg, settings)

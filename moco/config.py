@@ -4,7 +4,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from moco.data.datasets import LOADERS
-from moco.encoders import BACKBONES, HEADS
+from moco.encoders import BACKBONES, HEADS, STEMS
 from moco.errors import ConfigError
 from moco.optim.schedules import SCHEDULES
 
@@ -90,6 +90,10 @@ def validate_pretrain(cfg: DictConfig) -> None:
     _check(
         model.backbone in BACKBONES,
         f"backbone {model.backbone} is unknown: use one of {sorted(BACKBONES)}",
+    )
+    _check(
+        model.get("stem", "auto") in STEMS,
+        f"backbone.stem={model.get('stem')} is unknown: use one of {list(STEMS)}",
     )
     _check(model.head in HEADS, f"model.head={model.head} is unknown: use one of {list(HEADS)}")
     _check(

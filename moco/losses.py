@@ -17,9 +17,13 @@ def info_nce(
     with torch.autocast(device_type=q.device.type, enabled=False):
         # Gradients reach only the queries: keys and negatives are targets, never trained.
         q, k, negatives = q.float(), k.detach().float(), negatives.detach().float()
+        # 1/T is applied to the N x C queries, not to the N x (1+K) logits: with K=65536 that
+        # saves a pass over a 64 MB tensor forward and backward, measured 1.2x faster loss
+        # (scripts/benchmark.py --variants levers).
+        q = q / temperature
         pos = (q * k).sum(dim=1, keepdim=True)  # N x 1
         neg = q @ negatives.T  # N x K
-        logits = torch.cat([pos, neg], dim=1) / temperature  # N x (1+K)
+        logits = torch.cat([pos, neg], dim=1)  # N x (1+K), already divided by T
         target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         return F.cross_entropy(logits, target), logits
 

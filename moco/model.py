@@ -57,12 +57,13 @@ class MoCo(pl.LightningModule):
         lr_reference_batch: int,
         optimizer: Mapping,
         scheduler: Mapping,
+        stem: str = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
             {k: _plain(v) for k, v in locals().items() if k not in ("self", "__class__")}
         )
-        net = build_backbone(backbone, in_channels, image_size, bn_splits)
+        net = build_backbone(backbone, in_channels, image_size, bn_splits, stem)
         self.encoder_q = Encoder(net, build_head(head, net.feature_dim, dim), channels_last)
         # The key encoder starts as an exact copy (backbone AND head) and never gets gradients:
         # it only moves through momentum_update.

@@ -17,7 +17,7 @@ from moco.checkpointing import (
 from moco.config import validate_pretrain
 from moco.data import PretrainDataModule
 from moco.eval.monitor import KNNMonitor
-from moco.hardware import resolve_precision
+from moco.hardware import configure_malloc, resolve_precision
 
 
 def _loggers(run_dir: Path) -> list:
@@ -58,6 +58,7 @@ def pretrain(cfg: DictConfig, run_dir: Path) -> Path | None:
     Returns the path of the last checkpoint on rank 0, None on the other ranks.
     """
     validate_pretrain(cfg)
+    configure_malloc(cfg.malloc)  # before the first big tensor, and before workers fork
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = PretrainDataModule(cfg.data, cfg.augment)
     datamodule.setup("fit")  # load (and check) the data before anything is written

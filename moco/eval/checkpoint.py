@@ -109,7 +109,9 @@ def query_encoder(checkpoint: dict, path: Path) -> Encoder:
     try:
         # Plain BatchNorm: SplitBatchNorm has the same parameters and buffers and, in eval mode,
         # computes the same thing.
-        net = build_backbone(hp["backbone"], hp["in_channels"], hp["image_size"])
+        net = build_backbone(
+            hp["backbone"], hp["in_channels"], hp["image_size"], stem=hp.get("stem", "auto")
+        )
         head = build_head(hp["head"], net.feature_dim, hp["dim"])
     except MocoUserError as exc:  # e.g. a backbone this version of the code does not know
         raise DataError(f"{path}: {exc}") from None
@@ -171,7 +173,9 @@ def _guess_backbone(weights: dict, hp: dict) -> str | None:
     matches = []
     for name in BACKBONES:
         with torch.device("meta"):  # names only: no memory, no initialisation cost
-            keys = build_backbone(name, hp["in_channels"], hp["image_size"]).state_dict()
+            keys = build_backbone(
+                name, hp["in_channels"], hp["image_size"], stem=hp.get("stem", "auto")
+            ).state_dict()
         if {f"backbone.{k}" for k in keys} == names:
             matches.append(name)
     return matches[0] if len(matches) == 1 else None
@@ -196,7 +200,9 @@ def load_encoder(spec: str, data_cfg: DictConfig, random_init: DictConfig) -> Ev
 def _random_encoder(data_cfg: DictConfig, cfg: DictConfig) -> EvalEncoder:
     with torch.random.fork_rng():  # the seed fixes the weights without touching the caller's RNG
         torch.manual_seed(cfg.seed)
-        net = build_backbone(cfg.backbone, data_cfg.channels, data_cfg.image_size)
+        net = build_backbone(
+            cfg.backbone, data_cfg.channels, data_cfg.image_size, stem=cfg.get("stem", "auto")
+        )
         encoder = Encoder(net, build_head(cfg.head, net.feature_dim, cfg.dim), cfg.channels_last)
     settings = OmegaConf.to_container(cfg, resolve=True)
     source = f"random:{sorted(settings.items())}:{data_cfg.channels}x{data_cfg.image_size}"
@@ -228,6 +234,7 @@ def _checkpoint_encoder(path: Path, data_cfg: DictConfig) -> EvalEncoder:
         "epoch": checkpoint.get("epoch"),
         "global_step": checkpoint.get("global_step"),
         "backbone": hp["backbone"],
+        "stem": hp.get("stem", "auto"),
         "image_size": hp["image_size"],
     }
     return EvalEncoder(encoder, data_cfg, f"sha256:{sha256(path)}", info)
