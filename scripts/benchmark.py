@@ -59,7 +59,10 @@ def main() -> None:
     parser.add_argument("--channels-last", type=_list(_on_off), default=[True], help="on,off")
     parser.add_argument("--threads", type=_list(int), default=[0], help="torch threads; 0: default")
     parser.add_argument(
-        "--malloc", type=_list(_malloc), default=["no-mmap"], help="no-mmap (as pretraining), default (glibc's)"
+        "--malloc",
+        type=_list(_malloc),
+        default=["no-mmap"],
+        help="no-mmap (as pretraining), default (glibc's)",
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
