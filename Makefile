@@ -7,7 +7,7 @@ TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 ARGS ?=
 
-.PHONY: install data pretrain knn probe compare export test lint clean
+.PHONY: install data pretrain knn probe compare results export test lint clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,10 @@ probe: install data
 
 compare: install data
 	$(PY) scripts/compare_optimizers.py checkpoint=$(CHECKPOINT) $(ARGS)
+
+# The README's Results table and figures (about 2.5 hours on a 2-core CPU; re-running continues).
+results: install data
+	PY=$(PY) scripts/reproduce_results.sh
 
 # The query backbone for plain torchvision: make export CHECKPOINT=runs/.../last.ckpt [ARGS="format=safetensors"]
 export: install

@@ -1,0 +1,113 @@
+"""The README's Results table and kNN-per-epoch figure, from the outputs of reproduce_results.sh.
+
+Layout of a results directory (what scripts/reproduce_results.sh writes):
+- ``<run>/``: a pretraining run (``logs/metrics.csv``, ``checkpoints/``), with ``wall_seconds``
+  and ``command`` written by the script around it;
+- ``knn_<row>/knn.json`` and ``compare_<row>/compare.json``: kNN sweep and the linear probe with
+  the six optimizers, for every row, the baselines ``raw`` and ``random`` included.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+PROBE_OPTIMIZER = "momentum"  # the MoCo protocol's probe optimizer: the table's probe column
+
+
+@dataclass
+class Row:
+    name: str  # directory suffix: knn_<name>, compare_<name>, and the run directory if trained
+    label: str
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _read_text(path: Path) -> str | None:
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _minutes(seconds: str | None) -> str:
+    return "-" if seconds is None else f"{float(seconds) / 60:.0f} min"
+
+
+def table_row(results: Path, row: Row) -> dict:
+    """The figures of one row; missing pieces are None (the table shows '-')."""
+    knn = _read_json(results / f"knn_{row.name}" / "knn.json") or {}
+    compare = _read_json(results / f"compare_{row.name}" / "compare.json") or {}
+    probe = {r["optimizer"]: r["top1"] for r in compare.get("results", [])}
+    run = results / row.name
+    return {
+        "label": row.label,
+        "knn": knn.get("top1", {}).get("top1"),
+        "knn_best": knn.get("best", {}).get("top1"),
+        "knn_best_at": (
+            f"k={knn['best']['k']}, T={knn['best']['temperature']}" if "best" in knn else ""
+        ),
+        "probe": probe.get(PROBE_OPTIMIZER),
+        "probe_range": (min(probe.values()), max(probe.values())) if probe else None,
+        "epochs": knn["epoch"] + 1 if knn.get("epoch") is not None else None,
+        "wall": _read_text(run / "wall_seconds"),
+        "command": _read_text(run / "command"),
+    }
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| features | kNN top-1 (k=200, T=0.1) | kNN best of sweep | linear probe "
+        f"({PROBE_OPTIMIZER}) | probe, six optimizers | epochs | pretraining | command |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        best = _percent(r["knn_best"]) + (f" ({r['knn_best_at']})" if r["knn_best_at"] else "")
+        spread = "-" if r["probe_range"] is None else "{:.2f}-{:.2f}".format(*r["probe_range"])
+        command = f"`{r['command']}`" if r["command"] else "-"
+        lines.append(
+            f"| {r['label']} | {_percent(r['knn'])} | {best} | {_percent(r['probe'])} | "
+            f"{spread} | {r['epochs'] or '-'} | {_minutes(r['wall'])} | {command} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def knn_per_epoch(run_dir: Path) -> list[tuple[int, float]]:
+    """(epoch, knn_top1) as the online monitor logged them, in epoch order (1-based epochs)."""
+    points = {}
+    with (run_dir / "logs" / "metrics.csv").open() as f:
+        for record in csv.DictReader(f):
+            value = record.get("knn_top1")
+            if value not in (None, "") and not math.isnan(float(value)):
+                points[int(record["epoch"]) + 1] = float(value)
+    return sorted(points.items())
+
+
+def plot_knn_per_epoch(curves: dict[str, list[tuple[int, float]]], path: Path, note: str) -> None:
+    """One line per run: kNN top-1 after each epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for label, points in curves.items():
+        if points:
+            epochs, values = zip(*points, strict=True)
+            ax.plot(epochs, values, marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("kNN top-1 (%)")
+    ax.set_title("Fashion-MNIST, kNN top-1 during pretraining", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.text(0.01, 0.01, note, fontsize=7, color="0.4")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

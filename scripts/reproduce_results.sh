@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Regenerates the README's Results: pretraining of MoCo v1 and v2 on Fashion-MNIST with the tuned
+# recipe (conf/recipe/fashion_mnist.yaml), then kNN and the linear probe (six optimizers) for
+# them and for the raw-pixel and random-init baselines, then the table and the figures.
+#
+#   scripts/reproduce_results.sh                      # about 2.5 hours on a 2-core CPU
+#   LONG_EPOCHS=30 scripts/reproduce_results.sh       # also a longer MoCo v2 run
+#   OUT=runs/results2 scripts/reproduce_results.sh    # elsewhere (default runs/results)
+#
+# Re-running continues: finished steps are skipped and an interrupted pretraining resumes from
+# its last checkpoint (its wall time then covers the last part only). Everything goes to $OUT;
+# the figures are copied to docs/figures/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-runs/results}
+mkdir -p "$OUT"
+
+pretrain() {  # name, overrides...
+    local name=$1 dir="$OUT/$1"
+    shift
+    if [[ -f $dir/wall_seconds ]]; then echo "== $name: done"; return; fi
+    echo "== pretraining $name"
+    echo "python scripts/pretrain.py $*" > "$OUT/$name.command"
+    local start=$SECONDS
+    "$PY" scripts/pretrain.py "$@" hydra.run.dir="$dir"
+    mv "$OUT/$name.command" "$dir/command"
+    echo $((SECONDS - start)) > "$dir/wall_seconds"
+}
+
+evaluate() {  # name, checkpoint
+    local name=$1 checkpoint=$2
+    if [[ ! -f $OUT/knn_$name/knn.json ]]; then
+        "$PY" scripts/knn_eval.py checkpoint="$checkpoint" hydra.run.dir="$OUT/knn_$name"
+    fi
+    if [[ ! -f $OUT/compare_$name/compare.json ]]; then
+        "$PY" scripts/compare_optimizers.py checkpoint="$checkpoint" \
+            hydra.run.dir="$OUT/compare_$name"
+    fi
+}
+
+pretrain moco_v2 +experiment=moco_v2
+pretrain moco_v1 +experiment=moco_v1
+if [[ -n ${LONG_EPOCHS:-} ]]; then
+    pretrain moco_v2_long +experiment=moco_v2 trainer.max_epochs="$LONG_EPOCHS"
+fi
+
+evaluate raw raw
+evaluate random random
+for name in moco_v2 moco_v1 moco_v2_long; do
+    if [[ -f $OUT/$name/checkpoints/last.ckpt ]]; then
+        evaluate "$name" "$OUT/$name/checkpoints/last.ckpt"
+    fi
+done
+
+"$PY" scripts/results_table.py "$OUT" --figure docs/figures/knn_per_epoch.png
+cp "$OUT/compare_moco_v2/loss_curves.png" docs/figures/probe_optimizers_moco_v2.png
+echo "Figures in docs/figures/; table in $OUT/results.md"

@@ -1,0 +1,49 @@
+"""The README's Results table and kNN-per-epoch figure from a results directory.
+
+    python scripts/results_table.py runs/results [--figure docs/figures/knn_per_epoch.png]
+
+Reads what scripts/reproduce_results.sh wrote (moco/eval/results.py says where); prints the
+Markdown table and writes it to <results>/results.md.
+"""
+
+import argparse
+from pathlib import Path
+
+from moco.eval.results import Row, knn_per_epoch, markdown_table, plot_knn_per_epoch, table_row
+
+ROWS = [
+    Row("raw", "raw pixels"),
+    Row("random", "random-init ResNet-18"),
+    Row("moco_v1", "MoCo v1, 1-hour budget"),
+    Row("moco_v2", "MoCo v2, 1-hour budget"),
+    Row("moco_v2_long", "MoCo v2, longer run"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--figure", type=Path, help="default: <results>/knn_per_epoch.png")
+    args = parser.parse_args()
+    if not args.results.is_dir():
+        parser.error(f"{args.results} is not a directory: run scripts/reproduce_results.sh first")
+    rows = [table_row(args.results, row) for row in ROWS]
+    rows = [
+        r for r, row in zip(rows, ROWS, strict=True) if (args.results / f"knn_{row.name}").is_dir()
+    ]
+    table = markdown_table(rows)
+    (args.results / "results.md").write_text(table)
+    print(table)
+    curves = {
+        row.label: knn_per_epoch(args.results / row.name)
+        for row in ROWS
+        if (args.results / row.name / "logs" / "metrics.csv").is_file()
+    }
+    figure = args.figure or args.results / "knn_per_epoch.png"
+    note = "online monitor: 10k-image bank, 5k test images, k=200, T=0.1"
+    plot_knn_per_epoch(curves, figure, note)
+    print(f"Figure: {figure}")
+
+
+if __name__ == "__main__":
+    main()

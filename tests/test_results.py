@@ -1,0 +1,63 @@
+"""The Results table and the kNN-per-epoch figure, from a results directory laid out as
+scripts/reproduce_results.sh writes it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moco.eval.results import Row, knn_per_epoch, markdown_table, plot_knn_per_epoch, table_row
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload))
+
+
+def fake_results(root: Path) -> None:
+    write_json(
+        root / "knn_moco_v2" / "knn.json",
+        {
+            "epoch": 5,
+            "top1": {"k": 200, "temperature": 0.1, "top1": 88.5},
+            "best": {"k": 20, "temperature": 0.05, "top1": 89.25},
+        },
+    )
+    write_json(
+        root / "compare_moco_v2" / "compare.json",
+        {"results": [{"optimizer": "sgd", "top1": 85.0}, {"optimizer": "momentum", "top1": 90.5}]},
+    )
+    run = root / "moco_v2"
+    (run / "logs").mkdir(parents=True)
+    (run / "wall_seconds").write_text("3540\n")
+    (run / "command").write_text("python scripts/pretrain.py +experiment=moco_v2\n")
+    # Lightning's CSV logger: one row per logged step, the monitor's value on epoch-end rows.
+    (run / "logs" / "metrics.csv").write_text(
+        "epoch,knn_top1,step,train/loss_step\n0,,9,7.5\n0,70.5,233,\n1,,243,7.0\n1,80.25,467,\n"
+    )
+
+
+def test_table_row_reads_every_figure(tmp_path):
+    fake_results(tmp_path)
+    row = table_row(tmp_path, Row("moco_v2", "MoCo v2"))
+    assert row["knn"] == 88.5 and row["knn_best"] == 89.25
+    assert row["knn_best_at"] == "k=20, T=0.05"
+    assert row["probe"] == 90.5 and row["probe_range"] == (85.0, 90.5)
+    assert row["epochs"] == 6
+    table = markdown_table([row, table_row(tmp_path, Row("raw", "raw pixels"))])
+    lines = table.splitlines()
+    assert len(lines) == 4
+    assert lines[2] == (
+        "| MoCo v2 | 88.50 | 89.25 (k=20, T=0.05) | 90.50 | 85.00-90.50 | 6 | 59 min | "
+        "`python scripts/pretrain.py +experiment=moco_v2` |"
+    )
+    assert lines[3] == "| raw pixels | - | - | - | - | - | - | - |"  # nothing evaluated yet
+
+
+def test_knn_per_epoch_reads_the_monitor_rows_and_plots(tmp_path):
+    fake_results(tmp_path)
+    points = knn_per_epoch(tmp_path / "moco_v2")
+    assert points == [(1, 70.5), (2, 80.25)]
+    figure = tmp_path / "fig" / "knn.png"
+    plot_knn_per_epoch({"MoCo v2": points}, figure, "note")
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
