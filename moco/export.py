@@ -47,7 +47,7 @@ def stem_facts(backbone: nn.Module) -> dict:
     if isinstance(maxpool, nn.Identity):
         changes.append("model.maxpool = nn.Identity()")
     return {
-        "small_image_stem": isinstance(maxpool, nn.Identity),
+        "small_image_stem": k == 3,  # the 3x3 stride-1 stem (backbone.stem small or small_pool)
         "in_channels": conv1.in_channels,
         "conv1_kernel_size": k,
         "conv1_stride": s,

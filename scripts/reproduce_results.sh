@@ -6,6 +6,7 @@
 #   scripts/reproduce_results.sh                      # about 2.5 hours on a 2-core CPU
 #   LONG_EPOCHS=30 scripts/reproduce_results.sh       # also a longer MoCo v2 run
 #   OUT=runs/results2 scripts/reproduce_results.sh    # elsewhere (default runs/results)
+#   METHODS=moco_v2 scripts/reproduce_results.sh      # pretrain only these (default v2 and v1)
 #
 # Re-running continues: finished steps are skipped and an interrupted pretraining resumes from
 # its last checkpoint (its wall time then covers the last part only). Everything goes to $OUT;
@@ -28,25 +29,31 @@ pretrain() {  # name, overrides...
     echo $((SECONDS - start)) > "$dir/wall_seconds"
 }
 
-evaluate() {  # name, checkpoint
+evaluate() {  # name, checkpoint, overrides...
     local name=$1 checkpoint=$2
+    shift 2
     if [[ ! -f $OUT/knn_$name/knn.json ]]; then
-        "$PY" scripts/knn_eval.py checkpoint="$checkpoint" hydra.run.dir="$OUT/knn_$name"
+        "$PY" scripts/knn_eval.py checkpoint="$checkpoint" "$@" hydra.run.dir="$OUT/knn_$name"
     fi
     if [[ ! -f $OUT/compare_$name/compare.json ]]; then
-        "$PY" scripts/compare_optimizers.py checkpoint="$checkpoint" \
+        "$PY" scripts/compare_optimizers.py checkpoint="$checkpoint" "$@" \
             hydra.run.dir="$OUT/compare_$name"
     fi
 }
 
-pretrain moco_v2 +experiment=moco_v2
-pretrain moco_v1 +experiment=moco_v1
+# The random-init baseline gets the architecture the recipe pretrains (the eval configs do not
+# read the recipe).
+STEM=$("$PY" -c "from omegaconf import OmegaConf as C; print(C.load('conf/recipe/fashion_mnist.yaml').backbone.stem)")
+
+for method in ${METHODS:-moco_v2 moco_v1}; do
+    pretrain "$method" +experiment="$method"
+done
 if [[ -n ${LONG_EPOCHS:-} ]]; then
     pretrain moco_v2_long +experiment=moco_v2 trainer.max_epochs="$LONG_EPOCHS"
 fi
 
 evaluate raw raw
-evaluate random random
+evaluate random random backbone.stem="$STEM"
 for name in moco_v2 moco_v1 moco_v2_long; do
     if [[ -f $OUT/$name/checkpoints/last.ckpt ]]; then
         evaluate "$name" "$OUT/$name/checkpoints/last.ckpt"

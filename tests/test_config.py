@@ -129,6 +129,7 @@ def assert_rejected(cfg, *fragments: str) -> str:
         (["trainer.precision=17"], ["trainer.precision"]),
         (["trainer.precision=fp8"], ["trainer.precision"]),
         (["model.head=deep"], ["model.head"]),
+        (["model.stem=tiny"], ["backbone.stem=tiny"]),
         (["model.momentum_schedule=linear"], ["model.momentum_schedule"]),
         (["scheduler.name=poly"], ["scheduler.name"]),
         (["data.batch_size=0"], ["data.batch_size"]),
@@ -194,3 +195,17 @@ def test_auto_precision_on_gpu(monkeypatch, bf16, expected):
 
 def test_null_max_epochs_with_max_steps_is_handled(default_with):
     validate_pretrain(default_with("trainer.max_epochs=null", "trainer.max_steps=100"))
+
+
+def test_fashion_mnist_recipe_applies_to_fashion_mnist_only(compose):
+    tuned = compose(["+experiment=moco_v2"])
+    assert tuned.backbone.stem == tuned.model.stem == "small_pool"
+    assert tuned.model.head == "mlp" and tuned.model.temperature == 0.2  # the method stays v2's
+    assert compose(["+experiment=moco_v2", "data=cifar10"]).model.stem == "auto"
+    assert compose(["+experiment=moco_v2", "recipe=none"]).model.stem == "auto"
+    # A command-line value still wins over the recipe.
+    assert compose(["+experiment=moco_v2", "backbone.stem=small"]).model.stem == "small"
+
+
+def test_pretraining_sets_the_allocator(compose):
+    assert compose().malloc == "no-mmap"

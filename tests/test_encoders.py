@@ -150,3 +150,41 @@ def test_built_moco_uses_split_batchnorm_in_both_encoders(tiny_moco):
     assert model.encoder_q.backbone.conv1.kernel_size == (3, 3)
     assert model.encoder_q.head[-1].out_features == cfg.model.dim == 16
     assert model.queue.keys.shape == (64, 16)
+
+
+def test_small_pool_stem_keeps_torchvisions_max_pool_after_the_3x3_conv():
+    net = build_backbone("resnet18", in_channels=1, image_size=28, stem="small_pool").eval()
+    conv = net.conv1
+    assert conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.in_channels == 1
+    assert isinstance(net.maxpool, nn.MaxPool2d)
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+    with torch.no_grad():
+        assert stem(torch.randn(1, 1, 28, 28)).shape[-2:] == (14, 14)  # half the side
+        assert net(torch.randn(2, 1, 28, 28)).shape == (2, 512)
+
+
+@pytest.mark.parametrize(
+    "stem,size,kernel,pooled",
+    [
+        ("auto", 28, 3, False),
+        ("auto", 96, 7, True),
+        ("small", 96, 3, False),
+        ("imagenet", 28, 7, True),
+    ],
+)
+def test_stem_choice_overrides_the_size_rule(stem, size, kernel, pooled):
+    net = build_backbone("resnet18", in_channels=3, image_size=size, stem=stem)
+    assert net.conv1.kernel_size == (kernel, kernel)
+    assert isinstance(net.maxpool, nn.MaxPool2d) == pooled
+
+
+def test_unknown_stem_raises_config_error():
+    with pytest.raises(ConfigError, match="backbone.stem=tiny is unknown"):
+        build_backbone("resnet18", in_channels=3, image_size=32, stem="tiny")
+
+
+def test_stem_reaches_the_model_and_its_hyper_parameters(tiny_moco):
+    model, _ = tiny_moco("backbone.stem=small_pool")
+    assert model.hparams.stem == "small_pool"
+    for encoder in (model.encoder_q, model.encoder_k):
+        assert isinstance(encoder.backbone.maxpool, nn.MaxPool2d)

@@ -19,9 +19,9 @@ from moco.errors import ConfigError, DataError
 from moco.export import FORMATS, backbone_state_dict, export_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
-# (image size, channels): 8 px grey gets the small-image stem, 65 px RGB (just above
-# SMALL_IMAGE_MAX_SIZE) the stock ImageNet stem.
-STEMS = {"small": (8, 1), "standard": (65, 3)}
+# (image size, channels, backbone.stem): 8 px grey gets the small-image stem, 65 px RGB (just
+# above SMALL_IMAGE_MAX_SIZE) the stock ImageNet stem; small_pool keeps torchvision's max-pool.
+STEMS = {"small": (8, 1, "auto"), "small_pool": (8, 3, "small_pool"), "standard": (65, 3, "auto")}
 
 
 def save_checkpoint(model, path: Path) -> Path:
@@ -44,8 +44,10 @@ def trained(tiny_moco, tmp_path):
     differ and whose BatchNorm running statistics have moved away from their initial values."""
 
     def make(stem: str):
-        size, channels = STEMS[stem]
-        model, _ = tiny_moco(f"data.image_size={size}", f"data.channels={channels}")
+        size, channels, kind = STEMS[stem]
+        model, _ = tiny_moco(
+            f"data.image_size={size}", f"data.channels={channels}", f"backbone.stem={kind}"
+        )
         torch.manual_seed(0)
         with torch.no_grad():
             model.encoder_q(torch.randn(4, channels, size, size))  # train mode: running stats move
@@ -59,7 +61,7 @@ def trained(tiny_moco, tmp_path):
 def plain_torchvision(meta: dict) -> nn.Module:
     """The backbone rebuilt from torchvision alone, as the README tells a user to do it."""
     model = getattr(torchvision.models, meta["architecture"])()
-    if meta["small_image_stem"] or meta["in_channels"] != 3:
+    if (meta["in_channels"], meta["conv1_kernel_size"]) != (3, 7):
         model.conv1 = nn.Conv2d(
             meta["in_channels"],
             64,
