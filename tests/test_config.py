@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import CONF_DIR
 from omegaconf import OmegaConf
 
 import moco.hardware as hardware
@@ -198,11 +199,19 @@ def test_null_max_epochs_with_max_steps_is_handled(default_with):
 
 
 def test_fashion_mnist_recipe_applies_to_fashion_mnist_only(compose):
+    recipe = OmegaConf.load(CONF_DIR / "recipe" / "fashion_mnist.yaml")
     tuned = compose(["+experiment=moco_v2"])
-    assert tuned.backbone.stem == tuned.model.stem == "small_pool"
+    leaves = {
+        key: OmegaConf.select(recipe, key)
+        for key in ("backbone.stem", "augment.crop_scale", "optimizer.lr", "trainer.max_epochs")
+    }
+    for key, value in leaves.items():
+        assert OmegaConf.select(tuned, key) == value, key
+    assert tuned.model.stem == recipe.backbone.stem
     assert tuned.model.head == "mlp" and tuned.model.temperature == 0.2  # the method stays v2's
     assert compose(["+experiment=moco_v2", "data=cifar10"]).model.stem == "auto"
-    assert compose(["+experiment=moco_v2", "recipe=none"]).model.stem == "auto"
+    plain = compose(["+experiment=moco_v2", "recipe=none"])
+    assert plain.model.stem == "auto" and list(plain.augment.crop_scale) == [0.2, 1.0]
     # A command-line value still wins over the recipe.
     assert compose(["+experiment=moco_v2", "backbone.stem=small"]).model.stem == "small"
 
