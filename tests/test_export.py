@@ -89,7 +89,7 @@ def test_plain_torchvision_loads_the_export_and_computes_the_same_features(train
     assert result.missing_keys == ["fc.weight", "fc.bias"] and result.unexpected_keys == []
 
     plain.fc = nn.Identity()  # features, as the framework's backbone gives them
-    size, channels = STEMS[stem]
+    size, channels, _ = STEMS[stem]
     images = torch.randn(3, channels, size, size)
     ours = model.encoder_q.backbone.eval()
     with torch.no_grad():
@@ -112,6 +112,13 @@ def test_the_stem_facts_say_what_to_change_and_travel_inside_safetensors(trained
 
     _, standard = trained("standard")
     assert export_backbone(standard, "torchvision")[1]["stem_changes"] == []  # stock torchvision
+
+    _, pooled = trained("small_pool")  # RGB, 3x3 conv, torchvision's max-pool kept
+    meta = export_backbone(pooled, "torchvision")[1]
+    assert meta["stem_changes"] == [
+        "model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)"
+    ]
+    assert meta["small_image_stem"] and meta["has_maxpool"]
 
 
 @pytest.mark.parametrize("size", [32, 224])
