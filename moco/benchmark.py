@@ -79,12 +79,14 @@ class Settings:
     steps: int = 5
     device: str = "cpu"
     malloc: str = "no-mmap"  # as pretraining sets it (conf/pretrain.yaml); or default
+    stem: str = "small"  # backbone.stem; the data set's recipe is not applied (recipe=none)
     overrides: tuple[str, ...] = ()  # further Hydra overrides, e.g. data.num_train=64
 
     def label(self) -> str:
         threads = self.threads or torch.get_num_threads()
         return (
-            f"{self.backbone} {self.data} batch {self.batch} K {self.queue_size} "
+            f"{self.backbone} ({self.stem} stem) {self.data} batch {self.batch} "
+            f"K {self.queue_size} "
             f"precision {self.precision} channels_last {'on' if self.channels_last else 'off'} "
             f"threads {threads} malloc {self.malloc}"
         )
@@ -112,6 +114,8 @@ def compose(settings: Settings, num_workers: int | None = None):
         "+experiment=moco_v2",
         f"data={s.data}",
         f"backbone={s.backbone}",
+        "recipe=none",  # the benchmark's own settings, not a data set's tuned ones
+        f"backbone.stem={s.stem}",
         f"data.batch_size={s.batch}",
         f"model.queue_size={s.queue_size}",
         f"model.channels_last={str(s.channels_last).lower()}",

@@ -48,6 +48,7 @@ def _malloc(text: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--stem", default="small", help="small, small_pool, imagenet or auto")
     parser.add_argument("--data", default="fashion_mnist", help="a conf/data group")
     parser.add_argument("--image-size", type=int, help="default: the data config's")
     parser.add_argument("--channels", type=int, help="default: the data config's")
@@ -84,6 +85,7 @@ def main() -> None:
     cases = [
         Settings(
             backbone=args.backbone,
+            stem=args.stem,
             data=args.data,
             image_size=args.image_size,
             channels=args.channels,
