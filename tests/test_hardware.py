@@ -10,9 +10,10 @@ import pytest
 from moco.errors import ConfigError
 from moco.hardware import configure_malloc
 
-# Allocates, frees and allocates again a 64 MB tensor; prints the minor page faults of the
-# second allocation. glibc by default mmaps such a block afresh (faulting in every page again);
-# with no-mmap the freed heap memory is reused.
+# Allocates and frees a 64 MB tensor three times; prints the minor page faults of the third
+# time, the steady state of a training loop (measured: the second time still faults in both
+# modes while the heap settles). glibc by default mmaps such a block afresh (faulting in every
+# page again); with no-mmap the freed heap memory is reused.
 PROBE = """
 import resource, sys, torch
 from moco.hardware import configure_malloc
@@ -20,6 +21,7 @@ print(configure_malloc(sys.argv[1]))
 def touch():
     x = torch.empty(16 * 2**20).fill_(1.0)  # 64 MB, every page written
     del x
+touch()
 touch()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 touch()
@@ -41,7 +43,7 @@ def test_no_mmap_reuses_freed_memory_instead_of_faulting_it_in_again():
     applied, faults_no_mmap = page_faults("no-mmap")
     assert applied == "True"
     assert faults_default > 10_000  # 64 MB / 4 kB pages = 16384 pages faulted in again
-    assert faults_no_mmap < faults_default / 10
+    assert faults_no_mmap < faults_default / 10  # measured: 0
 
 
 def test_unknown_mode_is_a_config_error():
