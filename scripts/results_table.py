@@ -27,10 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.results.is_dir():
         parser.error(f"{args.results} is not a directory: run scripts/reproduce_results.sh first")
-    rows = [table_row(args.results, row) for row in ROWS]
-    rows = [
-        r for r, row in zip(rows, ROWS, strict=True) if (args.results / f"knn_{row.name}").is_dir()
-    ]
+    rows = [table_row(args.results, r) for r in ROWS if (args.results / f"knn_{r.name}").is_dir()]
     table = markdown_table(rows)
     (args.results / "results.md").write_text(table)
     print(table)

@@ -102,6 +102,11 @@ def read_moco_checkpoint(path: Path, option: str = "checkpoint") -> dict:
 
 
 # ---------------------------------------------------------------------- building the encoder
+def _stem(hp: dict) -> str:
+    """The backbone stem of a checkpoint; files from before backbone.stem existed used auto."""
+    return hp.get("stem", "auto")
+
+
 def query_encoder(checkpoint: dict, path: Path) -> Encoder:
     """The query encoder that ``checkpoint`` (from ``read_moco_checkpoint``) describes, with its
     weights; a file whose weights belong to another architecture ends in one DataError line."""
@@ -109,9 +114,7 @@ def query_encoder(checkpoint: dict, path: Path) -> Encoder:
     try:
         # Plain BatchNorm: SplitBatchNorm has the same parameters and buffers and, in eval mode,
         # computes the same thing.
-        net = build_backbone(
-            hp["backbone"], hp["in_channels"], hp["image_size"], stem=hp.get("stem", "auto")
-        )
+        net = build_backbone(hp["backbone"], hp["in_channels"], hp["image_size"], stem=_stem(hp))
         head = build_head(hp["head"], net.feature_dim, hp["dim"])
     except MocoUserError as exc:  # e.g. a backbone this version of the code does not know
         raise DataError(f"{path}: {exc}") from None
@@ -174,7 +177,7 @@ def _guess_backbone(weights: dict, hp: dict) -> str | None:
     for name in BACKBONES:
         with torch.device("meta"):  # names only: no memory, no initialisation cost
             keys = build_backbone(
-                name, hp["in_channels"], hp["image_size"], stem=hp.get("stem", "auto")
+                name, hp["in_channels"], hp["image_size"], stem=_stem(hp)
             ).state_dict()
         if {f"backbone.{k}" for k in keys} == names:
             matches.append(name)
@@ -234,7 +237,7 @@ def _checkpoint_encoder(path: Path, data_cfg: DictConfig) -> EvalEncoder:
         "epoch": checkpoint.get("epoch"),
         "global_step": checkpoint.get("global_step"),
         "backbone": hp["backbone"],
-        "stem": hp.get("stem", "auto"),
+        "stem": _stem(hp),
         "image_size": hp["image_size"],
     }
     return EvalEncoder(encoder, data_cfg, f"sha256:{sha256(path)}", info)
