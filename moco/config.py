@@ -100,6 +100,11 @@ def validate_pretrain(cfg: DictConfig) -> None:
         cfg.scheduler.name in SCHEDULES,
         f"scheduler.name={cfg.scheduler.name} is unknown: use one of {list(SCHEDULES)}",
     )
+    batched = cfg.augment.get("batched", "auto")
+    _check(
+        batched in ("auto", True, False),
+        f"augment.batched={_show(batched)} is unknown: use auto, true or false",
+    )
     _check(data.batch_size >= 1, f"data.batch_size={data.batch_size} must be >= 1")
     _check(data.num_workers >= 0, f"data.num_workers={data.num_workers} must be >= 0")
     _check(model.dim >= 1, f"model.dim={model.dim} must be >= 1")

@@ -132,6 +132,7 @@ def assert_rejected(cfg, *fragments: str) -> str:
         (["model.head=deep"], ["model.head"]),
         (["model.stem=tiny"], ["backbone.stem=tiny"]),
         (["model.momentum_schedule=linear"], ["model.momentum_schedule"]),
+        (["augment.batched=sometimes"], ["augment.batched='sometimes'", "auto, true or false"]),
         (["scheduler.name=poly"], ["scheduler.name"]),
         (["data.batch_size=0"], ["data.batch_size"]),
         (["optimizer.lr=0"], ["optimizer.lr"]),
@@ -151,6 +152,8 @@ def test_invalid_values_are_rejected_with_one_line(default_with, overrides, frag
         ["model.bn_splits=1"],
         ["trainer.precision=bf16-mixed"],
         ["trainer.precision=32"],
+        ["augment.batched=false"],
+        ["augment.batched=true"],
         ["trainer.max_epochs=-1", "trainer.max_steps=100"],
     ],
 )

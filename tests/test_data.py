@@ -325,7 +325,9 @@ def test_two_views_are_different_float_crops_of_the_same_image(compose):
 
 
 def test_pretrain_datamodule_yields_pairs_of_views_with_drop_last(tiny_cfg):
-    cfg = tiny_cfg("data.num_train=20")  # 20 images, batch 8: two full batches, 4 dropped
+    # 20 images, batch 8: two full batches, 4 dropped. Views made per image in the workers
+    # (the batched way is in tests/test_batch_augment.py).
+    cfg = tiny_cfg("data.num_train=20", "augment.batched=false")
     dm = PretrainDataModule(cfg.data, cfg.augment)
     dm.setup("fit")
     loader = dm.train_dataloader()

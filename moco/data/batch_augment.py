@@ -1,0 +1,244 @@
+"""The augmentation recipes of moco/data/augment.py, applied to a whole batch at once.
+
+torchvision's transforms work one image at a time, in the loader workers. On 28-px images that is
+almost all Python overhead: two views of a batch of 256 cost about 0.43 CPU-s, while a step of a
+ResNet-18 with the ImageNet stem takes about 0.9 s on two cores, so the loader starved the model.
+Here every random choice is still drawn per image, from the distributions torchvision draws
+from, but each operation runs once for the batch as tensor arithmetic, on the device that trains.
+
+Same operations, order and parameters as the per-image pipeline: random resized crop, colour
+jitter (its four parts in a random order per image), random grayscale, Gaussian blur, horizontal
+flip, normalisation. Two differences, both below the 8-bit resolution of the data:
+- values stay in float from start to end, where torchvision rounds to uint8 after the crop and
+  after each jitter step;
+- the flip is folded into the crop's resampling (mirrored sampling positions), which is exact
+  because every later step treats columns alike.
+
+The random parameters come from torch's global CPU generator, which checkpoints save and resume
+restores (moco.checkpointing.RandomStates). Under DDP every rank draws the parameters of the
+whole global batch, identically, and keeps its own slice: ranks never share augmentations, and a
+run on N processes draws what one process with the global batch would.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
+CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default
+CROP_ATTEMPTS = 10  # tries before falling back to the centre crop, as torchvision
+
+
+# ------------------------------------------------------------------------- crop + flip
+def crop_boxes(n: int, height: int, width: int, scale, ratio=CROP_RATIO) -> torch.Tensor:
+    """Boxes (n x 4: top, left, h, w) drawn as torchvision's RandomResizedCrop.get_params:
+    area fraction uniform in ``scale``, log aspect ratio uniform, first of 10 tries that fits,
+    else the largest centred box with an aspect ratio inside ``ratio``."""
+    area = height * width
+    target = area * torch.empty(n, CROP_ATTEMPTS).uniform_(scale[0], scale[1])
+    aspect = torch.exp(torch.empty(n, CROP_ATTEMPTS).uniform_(math.log(ratio[0]), math.log(ratio[1])))
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # index of the first fitting try
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    top = torch.floor(torch.rand(n) * (height - h + 1))
+    left = torch.floor(torch.rand(n) * (width - w + 1))
+
+    # torchvision's fallback: the whole image, trimmed to the nearest allowed aspect ratio.
+    image_ratio = width / height
+    fall_w, fall_h = width, height
+    if image_ratio < min(ratio):
+        fall_h = int(round(width / min(ratio)))
+    elif image_ratio > max(ratio):
+        fall_w = int(round(height * max(ratio)))
+    none_fit = ~fits.any(dim=1)
+    h = torch.where(none_fit, float(fall_h), h)
+    w = torch.where(none_fit, float(fall_w), w)
+    top = torch.where(none_fit, float((height - fall_h) // 2), top)
+    left = torch.where(none_fit, float((width - fall_w) // 2), left)
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def resize_weights(start: torch.Tensor, length: torch.Tensor, size: int, source: int) -> torch.Tensor:
+    """Rows of the linear map that resizes the segments [start, start + length) of a line of
+    ``source`` pixels to ``size`` pixels (n x size x source).
+
+    The triangle filter of torch's bilinear interpolation with antialias=True: plain bilinear
+    (half-pixel centres, the segment's edge pixels repeated) when enlarging, a filter widened by
+    the shrink factor when shrinking, so no aliasing.
+    """
+    factor = (length / size)[:, None, None]  # source pixels per output pixel
+    centre = start[:, None, None] + (torch.arange(size)[None, :, None] + 0.5) * factor
+    pixel = torch.arange(source)[None, None, :] + 0.5  # source pixel centres
+    support = factor.clamp(min=1.0)
+    weight = (1 - (pixel - centre).abs() / support).clamp(min=0)
+    # Only the segment's own pixels take part; near its edges the weights are renormalised,
+    # which is the same as repeating the edge pixel.
+    inside = (pixel >= start[:, None, None]) & (pixel < (start + length)[:, None, None])
+    # Centres within half a pixel of the segment edge give weight 0 to the outer neighbour
+    # and some to the edge pixel, so no row sums to 0.
+    weight = weight * inside
+    return weight / weight.sum(dim=2, keepdim=True)
+
+
+def crop_resize_flip(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int):
+    """Crops ``boxes`` out of ``images`` (n x C x H x W, float), resizes them to size x size and
+    mirrors those where ``flip`` is true; one pair of matrix products for the whole batch."""
+    height, width = images.shape[-2:]
+    rows = resize_weights(boxes[:, 0], boxes[:, 2], size, height)  # n x size x H
+    cols = resize_weights(boxes[:, 1], boxes[:, 3], size, width)  # n x size x W
+    cols = torch.where(flip[:, None, None], cols.flip(1), cols)  # mirrored sampling positions
+    rows, cols = rows.to(images), cols.to(images)
+    return rows[:, None] @ images @ cols[:, None].transpose(-1, -2)
+
+
+# ---------------------------------------------------------------------------- colour
+def to_grey(images: torch.Tensor) -> torch.Tensor:
+    """Luma (n x 1 x H x W) of RGB images; grey images are returned as they are."""
+    if images.shape[1] == 1:
+        return images
+    weights = torch.tensor(GREY_WEIGHTS, dtype=images.dtype, device=images.device)
+    return (images * weights[None, :, None, None]).sum(dim=1, keepdim=True)
+
+
+def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    factor = factor[:, None, None, None]
+    return (factor * images + (1 - factor) * other).clamp(0, 1)
+
+
+def adjust_brightness(images, factor):
+    return _blend(images, torch.zeros_like(images), factor)
+
+
+def adjust_contrast(images, factor):
+    return _blend(images, to_grey(images).mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(images, factor):
+    return _blend(images, to_grey(images), factor)
+
+
+def adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotates the hue of RGB images by ``shift`` turns (-0.5..0.5), keeping value and
+    saturation: the HSV round trip of torchvision's adjust_hue, per image."""
+    r, g, b = images.unbind(dim=1)
+    high, _ = images.max(dim=1)
+    low, _ = images.min(dim=1)
+    chroma = high - low
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    hue = torch.where(
+        high == r,
+        ((g - b) / safe) % 6,
+        torch.where(high == g, (b - r) / safe + 2, (r - g) / safe + 4),
+    )
+    hue = torch.where(chroma > 0, hue / 6, torch.zeros_like(hue))
+    hue = (hue + shift[:, None, None]) % 1.0
+    # HSV -> RGB with the closed form f(n) = V - C * clamp(min(k, 4 - k), 0, 1), k = (n + 6H) mod 6.
+    channels = []
+    for n in (5, 3, 1):
+        k = (n + hue * 6) % 6
+        channels.append(high - chroma * torch.clamp(torch.minimum(k, 4 - k), 0, 1))
+    return torch.stack(channels, dim=1)
+
+
+def _uniform(n: int, low: float, high: float) -> torch.Tensor:
+    return torch.empty(n).uniform_(low, high)
+
+
+# ------------------------------------------------------------------------------ blur
+def gaussian_blur(images: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur with a sigma per image and reflected borders, as torchvision's
+    GaussianBlur."""
+    n, channels, height, width = images.shape
+    half = (kernel_size - 1) / 2
+    x = torch.linspace(-half, half, kernel_size, device=images.device, dtype=images.dtype)
+    kernel = torch.exp(-0.5 * (x[None, :] / sigma.to(images)[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)
+    pad = kernel_size // 2
+    flat = images.reshape(1, n * channels, height, width)
+    flat = F.pad(flat, (pad, pad, pad, pad), mode="reflect")
+    flat = F.conv2d(flat, kernel[:, None, None, :], groups=n * channels)  # along rows
+    flat = F.conv2d(flat, kernel[:, None, :, None], groups=n * channels)  # along columns
+    return flat.reshape(n, channels, height, width)
+
+
+# ---------------------------------------------------------------------------- the view
+class BatchAugment:
+    """One random view of every image of a uint8 batch (n x C x H x W), as a normalised float
+    batch of ``data_cfg.image_size`` px; ``two_views`` gives the query and the key view."""
+
+    def __init__(self, aug_cfg, data_cfg) -> None:
+        self.size, self.channels = data_cfg.image_size, data_cfg.channels
+        self.grey = self.channels == 1
+        self.scale = tuple(aug_cfg.crop_scale)
+        self.jitter = aug_cfg.color_jitter
+        self.grayscale_p = 0.0 if self.grey else aug_cfg.grayscale_p
+        # Same rule as the per-image pipeline: no blur on small images.
+        self.blur_p = aug_cfg.blur.p if self.size >= aug_cfg.blur.min_size else 0.0
+        self.blur_sigma = tuple(aug_cfg.blur.sigma)
+        self.blur_kernel = 2 * int(0.05 * self.size) + 1
+        self.flip_p = aug_cfg.flip_p
+        self.mean = torch.tensor(list(data_cfg.mean))[None, :, None, None]
+        self.std = torch.tensor(list(data_cfg.std))[None, :, None, None]
+
+    def two_views(self, images: torch.Tensor, rank: int = 0, world_size: int = 1):
+        """The query and the key view of ``images``. Under DDP (``world_size`` > 1) the random
+        parameters are drawn for the global batch and this rank keeps its slice."""
+        return (self.view(images, rank, world_size), self.view(images, rank, world_size))
+
+    def view(self, images: torch.Tensor, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        n = images.shape[0]
+        params = self.draw(n * world_size, images.shape[-2], images.shape[-1])
+        mine = slice(rank * n, (rank + 1) * n)
+        params = {name: value[mine].to(images.device) for name, value in params.items()}
+        return self.apply(images, params)
+
+    def draw(self, n: int, height: int, width: int) -> dict:
+        """All random choices for ``n`` images, drawn on the CPU from torch's global generator."""
+        j = self.jitter
+        return {
+            "box": crop_boxes(n, height, width, self.scale),
+            "jitter": torch.rand(n) < j.p,
+            # Each image's own order of brightness, contrast, saturation, hue (torch.randperm(4)
+            # in torchvision), as ranks of four uniform numbers.
+            "order": torch.rand(n, 4).argsort(dim=1),
+            "brightness": _uniform(n, max(0.0, 1 - j.brightness), 1 + j.brightness),
+            "contrast": _uniform(n, max(0.0, 1 - j.contrast), 1 + j.contrast),
+            "saturation": _uniform(n, max(0.0, 1 - j.saturation), 1 + j.saturation),
+            "hue": _uniform(n, -j.hue, j.hue),
+            "grayscale": torch.rand(n) < self.grayscale_p,
+            "blur": torch.rand(n) < self.blur_p,
+            "sigma": _uniform(n, *self.blur_sigma),
+            "flip": torch.rand(n) < self.flip_p,
+        }
+
+    def apply(self, images: torch.Tensor, p: dict) -> torch.Tensor:
+        """The view that the parameters ``p`` (from ``draw``, on the images' device) describe."""
+        x = images.float() / 255
+        x = crop_resize_flip(x, p["box"], p["flip"], self.size)
+        if self.jitter.p > 0:
+            x = self._jitter(x, p)
+        if self.grayscale_p > 0:
+            x = torch.where(p["grayscale"][:, None, None, None], to_grey(x).expand_as(x), x)
+        if self.blur_p > 0:
+            blurred = gaussian_blur(x, self.blur_kernel, p["sigma"])
+            x = torch.where(p["blur"][:, None, None, None], blurred, x)
+        return (x - self.mean.to(x)) / self.std.to(x)
+
+    def _jitter(self, x: torch.Tensor, p: dict) -> torch.Tensor:
+        j = self.jitter
+        parts = [
+            (j.brightness > 0, lambda v: adjust_brightness(v, p["brightness"])),
+            (j.contrast > 0, lambda v: adjust_contrast(v, p["contrast"])),
+            # Saturation and hue do nothing to grey images; the per-image pipeline drops them.
+            (j.saturation > 0 and not self.grey, lambda v: adjust_saturation(v, p["saturation"])),
+            (j.hue > 0 and not self.grey, lambda v: adjust_hue(v, p["hue"])),
+        ]
+        for slot in range(4):
+            for part, (enabled, adjust) in enumerate(parts):
+                chosen = p["jitter"] & (p["order"][:, slot] == part)
+                if enabled and bool(chosen.any()):
+                    x = torch.where(chosen[:, None, None, None], adjust(x), x)
+        return x

@@ -1,0 +1,213 @@
+"""The batched augmentation (moco/data/batch_augment.py) against torchvision, op by op, and as a
+whole against the per-image pipeline it replaces."""
+
+import pytest
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from moco.data import PretrainDataModule
+from moco.data.augment import pretrain_transform
+from moco.data.batch_augment import (
+    BatchAugment,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    crop_boxes,
+    crop_resize_flip,
+    gaussian_blur,
+)
+from moco.errors import ConfigError
+from tests.conftest import with_values
+
+# Boxes (top, left, h, w) in a 20 x 20 image: whole, inner, thin, edge-touching, near-whole.
+BOXES = torch.tensor(
+    [[0, 0, 20, 20], [3, 2, 10, 14], [5, 5, 7, 9], [0, 4, 20, 16], [2, 1, 17, 19], [10, 10, 10, 10]]
+).float()
+
+
+@pytest.mark.parametrize("size", [20, 12, 33], ids=["same", "shrink", "enlarge"])
+def test_crop_resize_flip_equals_torchvision_resized_crop_then_hflip(size):
+    images = torch.rand(6, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    flip = torch.tensor([False, True, False, True, False, True])
+    out = crop_resize_flip(images, BOXES, flip, size)
+    for i in range(6):
+        top, left, h, w = (int(v) for v in BOXES[i])
+        expected = TF.resized_crop(images[i], top, left, h, w, [size, size], antialias=True)
+        if flip[i]:
+            expected = TF.horizontal_flip(expected)
+        torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "low", "high"),
+    [
+        (adjust_brightness, TF.adjust_brightness, 0.6, 1.4),
+        (adjust_contrast, TF.adjust_contrast, 0.6, 1.4),
+        (adjust_saturation, TF.adjust_saturation, 0.6, 1.4),
+        (adjust_hue, TF.adjust_hue, -0.1, 0.1),
+        (adjust_hue, TF.adjust_hue, -0.5, 0.5),
+    ],
+    ids=["brightness", "contrast", "saturation", "hue", "hue-wide"],
+)
+def test_colour_adjustments_equal_torchvision_with_a_factor_per_image(ours, theirs, low, high):
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(8, 3, 10, 10, generator=gen)
+    images[0] = 0.5  # grey: no hue, zero chroma
+    images[1, :, :2] = torch.tensor([1.0, 1.0, 0.0])[:, None, None]  # ties between maxima
+    factors = torch.empty(8).uniform_(low, high, generator=gen)
+    out = ours(images, factors)
+    for i in range(8):
+        torch.testing.assert_close(out[i], theirs(images[i], factors[i].item()), atol=1e-5, rtol=0)
+
+
+def test_contrast_of_grey_images_blends_with_their_own_mean():
+    grey = torch.rand(4, 1, 10, 10)
+    factors = torch.tensor([0.6, 0.9, 1.2, 1.4])
+    out = adjust_contrast(grey, factors)
+    for i in range(4):
+        torch.testing.assert_close(out[i], TF.adjust_contrast(grey[i], factors[i].item()))
+
+
+def test_gaussian_blur_equals_torchvision_with_a_sigma_per_image():
+    images = torch.rand(5, 3, 16, 16)
+    sigmas = torch.tensor([0.1, 0.5, 1.0, 1.5, 2.0])
+    out = gaussian_blur(images, 9, sigmas)
+    for i in range(5):
+        expected = TF.gaussian_blur(images[i], [9, 9], [sigmas[i].item()] * 2)
+        torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=0)
+
+
+def test_crop_boxes_follow_torchvisions_distribution():
+    torch.manual_seed(0)
+    n, scale = 20000, (0.2, 1.0)
+    boxes = crop_boxes(n, 28, 28, scale)
+    top, left, h, w = boxes.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= 28).all() and (left + w <= 28).all()
+    assert (boxes == boxes.round()).all()  # whole pixels
+    ours = (h * w / 784).sort().values
+    image = torch.zeros(1, 28, 28)
+    theirs = []
+    for _ in range(n):
+        _, _, hh, ww = v2.RandomResizedCrop.get_params(image, list(scale), [3 / 4, 4 / 3])
+        theirs.append(hh * ww / 784)
+    theirs = torch.tensor(theirs).sort().values
+    # Same distribution: the quantiles agree (two-sample Kolmogorov-Smirnov distance < 0.02,
+    # about 2x its 1% critical value for 20000 samples each).
+    grid = torch.linspace(0, 1.0, 201)
+    cdf = lambda s: torch.searchsorted(s, grid, right=True) / n  # noqa: E731
+    assert (cdf(ours) - cdf(theirs)).abs().max() < 0.02
+    # Aspect ratios inside [3/4, 4/3], give or take the rounding to whole pixels.
+    ratio = w / h
+    assert ratio.min() > 0.75 * 0.85 and ratio.max() < (4 / 3) / 0.85
+    assert ratio.log().mean().abs() < 0.02  # log-uniform: symmetric around 1
+
+
+def test_crop_boxes_fall_back_to_the_centred_image_when_no_try_fits():
+    torch.manual_seed(0)
+    boxes = crop_boxes(50, 20, 40, scale=(1.5, 2.0))  # always larger than the image
+    # torchvision: the widest box of aspect ratio 4/3 inside the 40 x 20 image, centred.
+    _, _, h, w = v2.RandomResizedCrop.get_params(torch.zeros(1, 20, 40), [1.5, 2.0], [3 / 4, 4 / 3])
+    assert (boxes[:, 2] == h).all() and (boxes[:, 3] == w).all()
+    assert (boxes[:, 0] == (20 - h) // 2).all() and (boxes[:, 1] == (40 - w) // 2).all()
+
+
+def _grey_cfg(compose, *extra):
+    cfg = compose(["+experiment=moco_v2", "data=synthetic", "data.image_size=16", "data.channels=1"])
+    return with_values(cfg, "data.mean=[0.5]", "data.std=[0.25]", *extra)
+
+
+def test_jitter_applies_brightness_and_contrast_in_a_random_order_per_image(compose):
+    cfg = _grey_cfg(compose, "augment.color_jitter.p=1.0")
+    aug = BatchAugment(cfg.augment, cfg.data)
+    images = (torch.rand(64, 1, 16, 16) * 255).to(torch.uint8)
+    torch.manual_seed(0)
+    params = aug.draw(64, 16, 16)
+    x = crop_resize_flip(images.float() / 255, params["box"], params["flip"], 16)
+    b, c = params["brightness"], params["contrast"]
+    brightness_first = adjust_contrast(adjust_brightness(x, b), c)
+    contrast_first = adjust_brightness(adjust_contrast(x, c), b)
+    out = aug.apply(images, params) * 0.25 + 0.5  # undo the normalisation
+    rank = params["order"].argsort(dim=1)  # slot of each part: 0 brightness, 1 contrast
+    first = rank[:, 0] < rank[:, 1]
+    torch.testing.assert_close(out[first], brightness_first[first], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[~first], contrast_first[~first], atol=1e-5, rtol=0)
+    assert 10 < int(first.sum()) < 54  # both orders occur
+
+
+def test_batched_views_match_the_per_image_pipeline_in_distribution(compose):
+    """The mean and spread of the views over many draws of one image agree with torchvision's
+    per-image pipeline: same ops, same parameter distributions."""
+    cfg = _grey_cfg(compose, "augment.crop_scale=[0.4,1.0]")
+    image = torch.zeros(1, 16, 16, dtype=torch.uint8)
+    image[:, 4:12, 2:7] = 200  # an off-centre block: crops, flips and jitter all show
+    image[:, 10:14, 9:15] = 90
+    n = 6000  # the largest sampling error of a pixel's mean or std is about 0.06 here
+    torch.manual_seed(0)
+    batched = BatchAugment(cfg.augment, cfg.data).view(image.expand(n, 1, 16, 16))
+    per_image = pretrain_transform(cfg.augment, cfg.data)
+    reference = torch.stack([per_image(image) for _ in range(n)])
+    torch.testing.assert_close(batched.mean(0), reference.mean(0), atol=0.12, rtol=0)
+    torch.testing.assert_close(batched.std(0), reference.std(0), atol=0.12, rtol=0)
+    # And the check has teeth: without the flip the mean image differs from torchvision's.
+    unflipped = BatchAugment(with_values(cfg, "augment.flip_p=0.0").augment, cfg.data)
+    far = unflipped.view(image.expand(n, 1, 16, 16)).mean(0)
+    assert (far - reference.mean(0)).abs().max() > 0.5
+
+
+def test_views_are_normalised_float_seeded_by_torch_and_differ(compose):
+    cfg = compose(["+experiment=moco_v2", "data=synthetic", "data.image_size=16"])
+    aug = BatchAugment(cfg.augment, cfg.data)
+    images = (torch.rand(8, 3, 16, 16) * 255).to(torch.uint8)
+    torch.manual_seed(3)
+    q, k = aug.two_views(images)
+    assert q.shape == k.shape == (8, 3, 16, 16) and q.dtype == torch.float32
+    assert not torch.allclose(q, k)
+    assert q.min() < 0 < q.max()
+    torch.manual_seed(3)
+    q2, k2 = aug.two_views(images)
+    assert torch.equal(q, q2) and torch.equal(k, k2)
+
+
+def test_each_rank_takes_its_slice_of_the_global_batchs_parameters(compose):
+    cfg = compose(["+experiment=moco_v2", "data=synthetic", "data.image_size=16"])
+    aug = BatchAugment(cfg.augment, cfg.data)
+    first, second = (torch.rand(2, 4, 3, 16, 16) * 255).to(torch.uint8)
+    torch.manual_seed(5)
+    whole = aug.view(torch.cat([first, second]))  # one process, global batch of 8
+    torch.manual_seed(5)
+    rank0 = aug.view(first, rank=0, world_size=2)
+    torch.manual_seed(5)
+    rank1 = aug.view(second, rank=1, world_size=2)
+    torch.testing.assert_close(torch.cat([rank0, rank1]), whole)
+    assert not torch.allclose(rank0, aug.view(second, rank=0, world_size=2))
+
+
+def test_datamodule_picks_the_batched_way_for_in_memory_images_of_the_training_size(tiny_cfg):
+    cfg = tiny_cfg("data.num_train=20")
+    dm = PretrainDataModule(cfg.data, cfg.augment)
+    dm.setup("fit")
+    assert dm.batch_augment is not None and dm.dataset.transform is None
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.dtype == torch.uint8 and images.shape == (8, 3, 8, 8)  # the workers do nothing
+    (view_q, view_k), same_labels = dm.on_after_batch_transfer((images, labels), 0)
+    assert view_q.shape == view_k.shape == (8, 3, 8, 8) and view_q.dtype == torch.float32
+    assert same_labels is labels and not torch.allclose(view_q, view_k)
+
+    per_image = PretrainDataModule(cfg.data, with_values(cfg, "augment.batched=false").augment)
+    per_image.setup("fit")
+    assert per_image.batch_augment is None and per_image.dataset.transform is not None
+
+
+def test_batched_true_on_images_of_another_size_is_a_config_error(tiny_cfg):
+    cfg = with_values(tiny_cfg(), "augment.batched=true")
+    loaded = PretrainDataModule(cfg.data, cfg.augment)
+    loaded.setup("fit")
+    assert loaded.batch_augment is not None  # 8 px images, 8 px training size: fine
+    other = with_values(cfg, "data.image_size=12")
+    dm = PretrainDataModule(other.data, other.augment)
+    dm.dataset = loaded.dataset  # 8 px images, 12 px training size
+    with pytest.raises(ConfigError, match="augment.batched=true needs"):
+        dm._batched()
