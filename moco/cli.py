@@ -67,6 +67,16 @@ def run_hydra_main(main) -> None:
             raise
         print(f"error: {_hydra_error_line(exc)}", file=sys.stderr)
         sys.exit(2)
+    except ValueError as exc:
+        # Hydra's defaults list rejects a group set to null (recipe=null) with a bare ValueError.
+        if wants_traceback or not str(exc).startswith("Config group override must be"):
+            raise
+        print(
+            f"error: {exc}: a config group takes one of its options on the command line "
+            "(recipe=none turns the data set's recipe off)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 def _hydra_error_line(exc: Exception) -> str:

@@ -156,6 +156,7 @@ def test_user_mistake_is_one_line_exit_2_and_leaves_nothing(tmp_path, make_overr
         ("augment=v9", ["augment=v9 is unknown", "v1, v2"]),  # unknown option of a group
         ("foo=1", ["foo is not a key", "+foo"]),  # unknown key without + (+foo=1 adds it)
         ("model.temperature=[", ["cannot parse the override", "model.temperature=["]),
+        ("recipe=null", ["Config group override must be", "recipe=none"]),  # a group as null
     ],
 )
 def test_hydra_command_line_errors_are_one_line_too(tmp_path, override, fragments):
