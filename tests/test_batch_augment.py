@@ -115,7 +115,8 @@ def test_crop_boxes_fall_back_to_the_centred_image_when_no_try_fits():
 
 
 def _grey_cfg(compose, *extra):
-    cfg = compose(["+experiment=moco_v2", "data=synthetic", "data.image_size=16", "data.channels=1"])
+    grey = ["data=synthetic", "data.image_size=16", "data.channels=1"]
+    cfg = compose(["+experiment=moco_v2", *grey])
     return with_values(cfg, "data.mean=[0.5]", "data.std=[0.25]", *extra)
 
 

@@ -37,7 +37,8 @@ def crop_boxes(n: int, height: int, width: int, scale, ratio=CROP_RATIO) -> torc
     else the largest centred box with an aspect ratio inside ``ratio``."""
     area = height * width
     target = area * torch.empty(n, CROP_ATTEMPTS).uniform_(scale[0], scale[1])
-    aspect = torch.exp(torch.empty(n, CROP_ATTEMPTS).uniform_(math.log(ratio[0]), math.log(ratio[1])))
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    aspect = torch.exp(torch.empty(n, CROP_ATTEMPTS).uniform_(*log_ratio))
     w = torch.round(torch.sqrt(target * aspect))
     h = torch.round(torch.sqrt(target / aspect))
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
@@ -61,7 +62,7 @@ def crop_boxes(n: int, height: int, width: int, scale, ratio=CROP_RATIO) -> torc
     return torch.stack([top, left, h, w], dim=1)
 
 
-def resize_weights(start: torch.Tensor, length: torch.Tensor, size: int, source: int) -> torch.Tensor:
+def resize_weights(start: torch.Tensor, length: torch.Tensor, size: int, source: int):
     """Rows of the linear map that resizes the segments [start, start + length) of a line of
     ``source`` pixels to ``size`` pixels (n x size x source).
 
@@ -69,9 +70,10 @@ def resize_weights(start: torch.Tensor, length: torch.Tensor, size: int, source:
     (half-pixel centres, the segment's edge pixels repeated) when enlarging, a filter widened by
     the shrink factor when shrinking, so no aliasing.
     """
+    on = {"device": start.device, "dtype": start.dtype}
     factor = (length / size)[:, None, None]  # source pixels per output pixel
-    centre = start[:, None, None] + (torch.arange(size)[None, :, None] + 0.5) * factor
-    pixel = torch.arange(source)[None, None, :] + 0.5  # source pixel centres
+    centre = start[:, None, None] + (torch.arange(size, **on)[None, :, None] + 0.5) * factor
+    pixel = torch.arange(source, **on)[None, None, :] + 0.5  # source pixel centres
     support = factor.clamp(min=1.0)
     weight = (1 - (pixel - centre).abs() / support).clamp(min=0)
     # Only the segment's own pixels take part; near its edges the weights are renormalised,
