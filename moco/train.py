@@ -18,6 +18,7 @@ from moco.config import validate_pretrain
 from moco.data import PretrainDataModule
 from moco.eval.monitor import KNNMonitor
 from moco.hardware import configure_malloc, resolve_precision
+from moco.training_clock import TrainingClock
 
 
 def _loggers(run_dir: Path) -> list:
@@ -88,7 +89,10 @@ def pretrain(cfg: DictConfig, run_dir: Path) -> Path | None:
             checkpoints,
             LearningRateMonitor(logging_interval="step"),
         ]
-        + ([monitor] if monitor else []),
+        + ([monitor] if monitor else [])
+        # After the monitor, so each epoch's count includes its kNN evaluation; Lightning calls
+        # the checkpoint callback last, so each checkpoint holds the count of its own epoch.
+        + [TrainingClock()],
         enable_model_summary=False,
     )
     if resume_from is not None and trainer.is_global_zero:

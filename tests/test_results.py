@@ -61,3 +61,16 @@ def test_knn_per_epoch_reads_the_monitor_rows_and_plots(tmp_path):
     figure = tmp_path / "fig" / "knn.png"
     plot_knn_per_epoch({"MoCo v2": points}, figure, "note")
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_runs_own_training_time_wins_over_the_commands_wall_time(tmp_path):
+    """A resumed run's wall_seconds covers its last part only; the run's own count
+    (moco.training_clock) covers all of it, so the table prefers it when logged."""
+    fake_results(tmp_path)
+    run = tmp_path / "moco_v2"
+    (run / "logs" / "metrics.csv").write_text(
+        "epoch,knn_top1,step,time/train_s\n0,70.5,233,1500.0\n1,80.25,467,4200.0\n"
+    )
+    row = table_row(tmp_path, Row("moco_v2", "MoCo v2"))
+    assert row["wall"] == "4200.0"  # not the 3540 s of wall_seconds
+    assert "| 70 min |" in markdown_table([row])

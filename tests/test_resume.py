@@ -105,6 +105,16 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
         epochs = [int(r["epoch"]) for r in csv.DictReader(f) if r.get("train/loss_epoch")]
     assert epochs == list(range(EPOCHS))  # epoch 0 from before the kill, each epoch once
 
+    # The run's training clock went on from the count in epoch 0's checkpoint.
+    before_kill = torch.load(interrupted / "checkpoints" / "epoch000.ckpt", weights_only=True)
+    final = torch.load(interrupted / "checkpoints" / "last.ckpt", weights_only=True)
+    seconds = [c["callbacks"]["TrainingClock"]["seconds"] for c in (before_kill, final)]
+    assert 0 < seconds[0] < seconds[1]
+    with (interrupted / "logs" / "metrics.csv").open() as f:
+        logged = [float(r["time/train_s"]) for r in csv.DictReader(f) if r.get("time/train_s")]
+    assert len(logged) == EPOCHS and logged == sorted(logged)
+    assert logged[-1] == pytest.approx(seconds[1], rel=1e-6)  # logged as float32
+
 
 @pytest.mark.slow
 def test_resume_from_a_file_and_resume_none(tmp_path):

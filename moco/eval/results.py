@@ -2,7 +2,9 @@
 
 Layout of a results directory (what scripts/reproduce_results.sh writes):
 - ``<run>/``: a pretraining run (``logs/metrics.csv``, ``checkpoints/``), with ``wall_seconds``
-  and ``command`` written by the script around it;
+  and ``command`` written by the script around it; the table's time is the run's own count
+  (``time/train_s`` in metrics.csv, all parts of a resumed run) where the run logged it, else
+  ``wall_seconds`` (the command's wall time: the last part only, if it was resumed);
 - ``knn_<row>/knn.json`` and ``compare_<row>/compare.json``: kNN sweep and the linear probe with
   the six optimizers, for every row, the baselines ``raw`` and ``random`` included.
 """
@@ -56,7 +58,7 @@ def table_row(results: Path, row: Row) -> dict:
         "probe": probe.get(PROBE_OPTIMIZER),
         "probe_range": (min(probe.values()), max(probe.values())) if probe else None,
         "epochs": knn["epoch"] + 1 if knn.get("epoch") is not None else None,
-        "wall": _read_text(run / "wall_seconds"),
+        "wall": _training_seconds(run) or _read_text(run / "wall_seconds"),
         "command": _read_text(run / "command"),
     }
 
@@ -76,6 +78,20 @@ def markdown_table(rows: list[dict]) -> str:
             f"{spread} | {r['epochs'] or '-'} | {_minutes(r['wall'])} | {command} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _last_logged(run_dir: Path, key: str) -> str | None:
+    """The last value of ``key`` in the run's metrics.csv, or None."""
+    path = run_dir / "logs" / "metrics.csv"
+    if not path.is_file():
+        return None
+    with path.open() as f:
+        values = [r[key] for r in csv.DictReader(f) if r.get(key) not in (None, "")]
+    return values[-1] if values else None
+
+
+def _training_seconds(run_dir: Path) -> str | None:
+    return _last_logged(run_dir, "time/train_s")
 
 
 def knn_per_epoch(run_dir: Path) -> list[tuple[int, float]]:
