@@ -3,14 +3,16 @@
 # recipe (conf/recipe/fashion_mnist.yaml), then kNN and the linear probe (six optimizers) for
 # them and for the raw-pixel and random-init baselines, then the table and the figures.
 #
-#   scripts/reproduce_results.sh                      # about 2.5 hours on a 2-core CPU
+#   scripts/reproduce_results.sh                      # about 1.7 hours on a 2-core CPU
 #   LONG_EPOCHS=30 scripts/reproduce_results.sh       # also a longer MoCo v2 run
 #   OUT=runs/results2 scripts/reproduce_results.sh    # elsewhere (default runs/results)
 #   METHODS=moco_v2 scripts/reproduce_results.sh      # pretrain only these (default v2 and v1)
 #
 # Re-running continues: finished steps are skipped and an interrupted pretraining resumes from
-# its last checkpoint (its wall time then covers the last part only). Everything goes to $OUT;
-# the figures are copied to docs/figures/.
+# its last checkpoint. The table's time is the run's own training clock (time/train_s, all parts
+# of a resumed run); wall_seconds, the command's wall time, covers the last part only and is the
+# fallback for runs without that clock. Everything goes to $OUT; the figures are copied to
+# docs/figures/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
