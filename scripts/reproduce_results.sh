@@ -43,25 +43,30 @@ evaluate() {  # name, checkpoint, overrides...
     fi
 }
 
-# The random-init baseline gets the architecture the recipe pretrains (the eval configs do not
-# read the recipe).
-STEM=$("$PY" -c "from omegaconf import OmegaConf as C; print(C.load('conf/recipe/fashion_mnist.yaml').backbone.stem)")
+main() {  # in a function, so bash parses the whole script before running it: an edit of
+           # this file during a long run then cannot change what the running copy does
+    # The random-init baseline gets the architecture the recipe pretrains (the eval configs do not
+    # read the recipe).
+    STEM=$("$PY" -c "from omegaconf import OmegaConf as C; print(C.load('conf/recipe/fashion_mnist.yaml').backbone.stem)")
 
-for method in ${METHODS:-moco_v2 moco_v1}; do
-    pretrain "$method" +experiment="$method"
-done
-if [[ -n ${LONG_EPOCHS:-} ]]; then
-    pretrain moco_v2_long +experiment=moco_v2 trainer.max_epochs="$LONG_EPOCHS"
-fi
-
-evaluate raw raw
-evaluate random random backbone.stem="$STEM"
-for name in moco_v2 moco_v1 moco_v2_long; do
-    if [[ -f $OUT/$name/checkpoints/last.ckpt ]]; then
-        evaluate "$name" "$OUT/$name/checkpoints/last.ckpt"
+    for method in ${METHODS:-moco_v2 moco_v1}; do
+        pretrain "$method" +experiment="$method"
+    done
+    if [[ -n ${LONG_EPOCHS:-} ]]; then
+        pretrain moco_v2_long +experiment=moco_v2 trainer.max_epochs="$LONG_EPOCHS"
     fi
-done
 
-"$PY" scripts/results_table.py "$OUT" --figure docs/figures/knn_per_epoch.png
-cp "$OUT/compare_moco_v2/loss_curves.png" docs/figures/probe_optimizers_moco_v2.png
-echo "Figures in docs/figures/; table in $OUT/results.md"
+    evaluate raw raw
+    evaluate random random backbone.stem="$STEM"
+    for name in moco_v2 moco_v1 moco_v2_long; do
+        if [[ -f $OUT/$name/checkpoints/last.ckpt ]]; then
+            evaluate "$name" "$OUT/$name/checkpoints/last.ckpt"
+        fi
+    done
+
+    "$PY" scripts/results_table.py "$OUT" --figure docs/figures/knn_per_epoch.png
+    cp "$OUT/compare_moco_v2/loss_curves.png" docs/figures/probe_optimizers_moco_v2.png
+    echo "Figures in docs/figures/; table in $OUT/results.md"
+}
+
+main "$@"
