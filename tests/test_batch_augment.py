@@ -212,3 +212,11 @@ def test_batched_true_on_images_of_another_size_is_a_config_error(tiny_cfg):
     dm.dataset = loaded.dataset  # 8 px images, 12 px training size
     with pytest.raises(ConfigError, match="augment.batched=true needs"):
         dm._batched()
+
+
+def test_normalisation_of_the_wrong_length_is_the_same_config_error_as_per_image(compose):
+    cfg = compose(["+experiment=moco_v2", "data=synthetic", "data.image_size=16"])
+    wrong = with_values(cfg, "data.mean=[0.5,0.5]")  # 3 channels
+    for build in (BatchAugment, pretrain_transform):
+        with pytest.raises(ConfigError, match="data.mean and data.std need 3 values"):
+            build(wrong.augment, wrong.data)

@@ -14,10 +14,23 @@ from torchvision.transforms import v2
 from moco.errors import ConfigError
 
 
-def _normalize(data_cfg) -> list:
+def mean_and_std(data_cfg) -> tuple[list[float], list[float]]:
+    """The data config's per-channel normalisation, checked against its channel count."""
     mean, std = list(data_cfg.mean), list(data_cfg.std)
     if len(mean) != data_cfg.channels or len(std) != data_cfg.channels:
         raise ConfigError(f"data.mean and data.std need {data_cfg.channels} values (data.channels)")
+    return mean, std
+
+
+def blur_kernel_size(aug_cfg, size: int) -> int | None:
+    """The odd blur kernel, about 10% of the side, or None where the recipe leaves blur out."""
+    if aug_cfg.blur.p <= 0 or size < aug_cfg.blur.min_size:
+        return None
+    return 2 * int(0.05 * size) + 1
+
+
+def _normalize(data_cfg) -> list:
+    mean, std = mean_and_std(data_cfg)
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
 
 
@@ -35,8 +48,8 @@ def pretrain_transform(aug_cfg, data_cfg) -> v2.Compose:
         )
     if aug_cfg.grayscale_p > 0 and not grey:
         ops.append(v2.RandomGrayscale(p=aug_cfg.grayscale_p))
-    if aug_cfg.blur.p > 0 and size >= aug_cfg.blur.min_size:
-        kernel = 2 * int(0.05 * size) + 1  # odd, about 10% of the side
+    kernel = blur_kernel_size(aug_cfg, size)
+    if kernel is not None:
         ops.append(
             v2.RandomApply(
                 [v2.GaussianBlur(kernel, sigma=tuple(aug_cfg.blur.sigma))], p=aug_cfg.blur.p

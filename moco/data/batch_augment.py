@@ -26,6 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from moco.data.augment import blur_kernel_size, mean_and_std
+
 GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default
 CROP_ATTEMPTS = 10  # tries before falling back to the centre crop, as torchvision
@@ -178,13 +180,14 @@ class BatchAugment:
         self.scale = tuple(aug_cfg.crop_scale)
         self.jitter = aug_cfg.color_jitter
         self.grayscale_p = 0.0 if self.grey else aug_cfg.grayscale_p
-        # Same rule as the per-image pipeline: no blur on small images.
-        self.blur_p = aug_cfg.blur.p if self.size >= aug_cfg.blur.min_size else 0.0
+        # The per-image pipeline's rules: no blur on small images, the same kernel size.
+        self.blur_kernel = blur_kernel_size(aug_cfg, self.size)
+        self.blur_p = aug_cfg.blur.p if self.blur_kernel is not None else 0.0
         self.blur_sigma = tuple(aug_cfg.blur.sigma)
-        self.blur_kernel = 2 * int(0.05 * self.size) + 1
         self.flip_p = aug_cfg.flip_p
-        self.mean = torch.tensor(list(data_cfg.mean))[None, :, None, None]
-        self.std = torch.tensor(list(data_cfg.std))[None, :, None, None]
+        mean, std = mean_and_std(data_cfg)
+        self.mean = torch.tensor(mean)[None, :, None, None]
+        self.std = torch.tensor(std)[None, :, None, None]
 
     def two_views(self, images: torch.Tensor, rank: int = 0, world_size: int = 1):
         """The query and the key view of ``images``. Under DDP (``world_size`` > 1) the random
