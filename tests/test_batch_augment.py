@@ -220,3 +220,18 @@ def test_normalisation_of_the_wrong_length_is_the_same_config_error_as_per_image
     for build in (BatchAugment, pretrain_transform):
         with pytest.raises(ConfigError, match="data.mean and data.std need 3 values"):
             build(wrong.augment, wrong.data)
+
+
+@pytest.mark.parametrize("channels", [1, 3], ids=["grey", "rgb"])
+def test_both_pipelines_apply_the_same_colour_operations(compose, channels):
+    # Saturation, hue and grayscale act on RGB images only; both ways of making views must agree.
+    cfg = compose(["+experiment=moco_v2", "data=synthetic", f"data.channels={channels}"])
+    cfg = with_values(cfg, f"data.mean={[0.5] * channels}", f"data.std={[0.25] * channels}")
+    batched = BatchAugment(cfg.augment, cfg.data)
+    per_image = list(pretrain_transform(cfg.augment, cfg.data).transforms)
+    jitter = next(op.transforms[0] for op in per_image if isinstance(op, v2.RandomApply))
+    for part, strength in batched.strengths.items():
+        assert (strength > 0) == (getattr(jitter, part) is not None), part
+    grayscale = [op.p for op in per_image if isinstance(op, v2.RandomGrayscale)]
+    assert grayscale == ([batched.grayscale_p] if channels == 3 else [])
+    assert (batched.strengths["hue"] > 0) == (channels == 3)

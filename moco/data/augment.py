@@ -29,6 +29,19 @@ def blur_kernel_size(aug_cfg, size: int) -> int | None:
     return 2 * int(0.05 * size) + 1
 
 
+def colour_strengths(aug_cfg, channels: int) -> tuple[dict[str, float], float]:
+    """The colour-jitter strengths and the random-grayscale p that act on images of ``channels``
+    channels: on grey images saturation, hue and grayscale do nothing, so they are 0."""
+    jitter, grey = aug_cfg.color_jitter, channels == 1
+    strengths = {
+        "brightness": jitter.brightness,
+        "contrast": jitter.contrast,
+        "saturation": 0.0 if grey else jitter.saturation,
+        "hue": 0.0 if grey else jitter.hue,
+    }
+    return strengths, 0.0 if grey else aug_cfg.grayscale_p
+
+
 def _normalize(data_cfg) -> list:
     mean, std = mean_and_std(data_cfg)
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
@@ -36,18 +49,13 @@ def _normalize(data_cfg) -> list:
 
 def pretrain_transform(aug_cfg, data_cfg) -> v2.Compose:
     """One random view of a uint8 image tensor (C x H x W) for contrastive pretraining."""
-    size, grey = data_cfg.image_size, data_cfg.channels == 1
+    size = data_cfg.image_size
     ops = [v2.RandomResizedCrop(size, scale=tuple(aug_cfg.crop_scale), antialias=True)]
-    jitter = aug_cfg.color_jitter
-    if jitter.p > 0:
-        colour = {} if grey else {"saturation": jitter.saturation, "hue": jitter.hue}
-        ops.append(
-            v2.RandomApply(
-                [v2.ColorJitter(jitter.brightness, jitter.contrast, **colour)], p=jitter.p
-            )
-        )
-    if aug_cfg.grayscale_p > 0 and not grey:
-        ops.append(v2.RandomGrayscale(p=aug_cfg.grayscale_p))
+    strengths, grayscale_p = colour_strengths(aug_cfg, data_cfg.channels)
+    if aug_cfg.color_jitter.p > 0:
+        ops.append(v2.RandomApply([v2.ColorJitter(**strengths)], p=aug_cfg.color_jitter.p))
+    if grayscale_p > 0:
+        ops.append(v2.RandomGrayscale(p=grayscale_p))
     kernel = blur_kernel_size(aug_cfg, size)
     if kernel is not None:
         ops.append(

@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from moco.data.augment import blur_kernel_size, mean_and_std
+from moco.data.augment import blur_kernel_size, colour_strengths, mean_and_std
 
 GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default
@@ -176,11 +176,11 @@ class BatchAugment:
 
     def __init__(self, aug_cfg, data_cfg) -> None:
         self.size, self.channels = data_cfg.image_size, data_cfg.channels
-        self.grey = self.channels == 1
         self.scale = tuple(aug_cfg.crop_scale)
         self.jitter = aug_cfg.color_jitter
-        self.grayscale_p = 0.0 if self.grey else aug_cfg.grayscale_p
-        # The per-image pipeline's rules: no blur on small images, the same kernel size.
+        # The per-image pipeline's rules: no saturation, hue or grayscale on grey images, ...
+        self.strengths, self.grayscale_p = colour_strengths(aug_cfg, self.channels)
+        # ... no blur on small images, the same kernel size.
         self.blur_kernel = blur_kernel_size(aug_cfg, self.size)
         self.blur_p = aug_cfg.blur.p if self.blur_kernel is not None else 0.0
         self.blur_sigma = tuple(aug_cfg.blur.sigma)
@@ -234,13 +234,12 @@ class BatchAugment:
         return (x - self.mean.to(x)) / self.std.to(x)
 
     def _jitter(self, x: torch.Tensor, p: dict) -> torch.Tensor:
-        j = self.jitter
+        s = self.strengths
         parts = [
-            (j.brightness > 0, lambda v: adjust_brightness(v, p["brightness"])),
-            (j.contrast > 0, lambda v: adjust_contrast(v, p["contrast"])),
-            # Saturation and hue do nothing to grey images; the per-image pipeline drops them.
-            (j.saturation > 0 and not self.grey, lambda v: adjust_saturation(v, p["saturation"])),
-            (j.hue > 0 and not self.grey, lambda v: adjust_hue(v, p["hue"])),
+            (s["brightness"] > 0, lambda v: adjust_brightness(v, p["brightness"])),
+            (s["contrast"] > 0, lambda v: adjust_contrast(v, p["contrast"])),
+            (s["saturation"] > 0, lambda v: adjust_saturation(v, p["saturation"])),
+            (s["hue"] > 0, lambda v: adjust_hue(v, p["hue"])),
         ]
         for slot in range(4):
             for part, (enabled, adjust) in enumerate(parts):
