@@ -37,6 +37,8 @@ evaluate() {  # name, checkpoint, overrides...
     if [[ ! -f $OUT/knn_$name/knn.json ]]; then
         "$PY" scripts/knn_eval.py checkpoint="$checkpoint" "$@" hydra.run.dir="$OUT/knn_$name"
     fi
+    # The table's command for rows without pretraining (the baselines).
+    echo "python scripts/knn_eval.py checkpoint=$checkpoint $*" > "$OUT/knn_$name/command"
     if [[ ! -f $OUT/compare_$name/compare.json ]]; then
         "$PY" scripts/compare_optimizers.py checkpoint="$checkpoint" "$@" \
             hydra.run.dir="$OUT/compare_$name"

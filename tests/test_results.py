@@ -74,3 +74,17 @@ def test_the_runs_own_training_time_wins_over_the_commands_wall_time(tmp_path):
     row = table_row(tmp_path, Row("moco_v2", "MoCo v2"))
     assert row["wall"] == "4200.0"  # not the 3540 s of wall_seconds
     assert "| 70 min |" in markdown_table([row])
+
+
+def test_a_baseline_row_shows_its_evaluation_command(tmp_path):
+    """Rows without pretraining (raw pixels, random init) show the kNN command that made them;
+    a pretrained row keeps its pretraining command."""
+    fake_results(tmp_path)
+    write_json(tmp_path / "knn_raw" / "knn.json", {"top1": {"top1": 81.0}})
+    (tmp_path / "knn_raw" / "command").write_text("python scripts/knn_eval.py checkpoint=raw\n")
+    (tmp_path / "knn_moco_v2" / "command").write_text("python scripts/knn_eval.py checkpoint=x\n")
+    raw = table_row(tmp_path, Row("raw", "raw pixels"))
+    assert raw["command"] == "python scripts/knn_eval.py checkpoint=raw"
+    assert table_row(tmp_path, Row("moco_v2", "v2"))["command"].startswith(
+        "python scripts/pretrain"
+    )

@@ -6,7 +6,8 @@ Layout of a results directory (what scripts/reproduce_results.sh writes):
   (``time/train_s`` in metrics.csv, all parts of a resumed run) where the run logged it, else
   ``wall_seconds`` (the command's wall time: the last part only, if it was resumed);
 - ``knn_<row>/knn.json`` and ``compare_<row>/compare.json``: kNN sweep and the linear probe with
-  the six optimizers, for every row, the baselines ``raw`` and ``random`` included.
+  the six optimizers, for every row, the baselines ``raw`` and ``random`` included;
+  ``knn_<row>/command``: the kNN command, the table's command for rows without pretraining.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ def table_row(results: Path, row: Row) -> dict:
         "probe_range": (min(probe.values()), max(probe.values())) if probe else None,
         "epochs": knn["epoch"] + 1 if knn.get("epoch") is not None else None,
         "wall": _training_seconds(run) or _read_text(run / "wall_seconds"),
-        "command": _read_text(run / "command"),
+        # The pretraining command; for the baselines, the evaluation's.
+        "command": _read_text(run / "command")
+        or _read_text(results / f"knn_{row.name}" / "command"),
     }
 
 
