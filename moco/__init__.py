@@ -1,10 +1,19 @@
 """moco: Momentum Contrast self-supervised learning with PyTorch Lightning and Hydra."""
 
 from moco.launch import register_resolvers
-from moco.model import MoCo
 
 # conf/ refers to the launcher's numbers (${moco.run_stamp:} and friends); any import of the
 # package makes them resolvable, before Hydra composes a config.
 register_resolvers()
 
 __all__ = ["MoCo"]
+
+
+def __getattr__(name: str):
+    # moco.MoCo (the configs' _target_) is imported on first use, so that the parts that do not
+    # train (moco.optim, moco.eval.results behind scripts/results_table.py) skip Lightning.
+    if name == "MoCo":
+        from moco.model import MoCo
+
+        return MoCo
+    raise AttributeError(f"module 'moco' has no attribute '{name}'")
