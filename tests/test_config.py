@@ -42,7 +42,7 @@ def test_default_config_is_valid_and_has_every_documented_key(compose):
 
 
 def test_moco_v2_experiment(compose):
-    cfg = compose(["+experiment=moco_v2"])
+    cfg = compose(["+experiment=moco_v2", "recipe=none"])  # the paper's values
     assert cfg.model.head == "mlp"
     assert cfg.model.temperature == pytest.approx(0.2)
     assert cfg.augment.name == "v2"
@@ -52,7 +52,7 @@ def test_moco_v2_experiment(compose):
 
 
 def test_moco_v1_experiment(compose):
-    cfg = compose(["+experiment=moco_v1"])
+    cfg = compose(["+experiment=moco_v1", "recipe=none"])
     assert cfg.model.head == "linear"
     assert cfg.model.temperature == pytest.approx(0.07)
     assert cfg.augment.name == "v1"
@@ -211,7 +211,11 @@ def test_fashion_mnist_recipe_applies_to_fashion_mnist_only(compose):
     # What the model is built from follows (interpolations of the groups above).
     assert tuned.model.stem == recipe.backbone.stem
     assert tuned.model.batch_size == recipe.data.batch_size
-    assert tuned.model.head == "mlp" and tuned.model.temperature == 0.2  # the method stays v2's
+    assert tuned.model.head == "mlp"  # the method stays v2, with the recipe's temperature
+    assert tuned.model.temperature == recipe.method_tuning.moco_v2.temperature != 0.2
+    assert compose(["+experiment=moco_v1"]).model.temperature == 0.07  # tuned for v2 only
+    assert compose(["+experiment=moco_v2", "recipe=none"]).model.temperature == 0.2
+    assert compose(["+experiment=moco_v2", "model.temperature=0.3"]).model.temperature == 0.3
     assert compose(["+experiment=moco_v2", "data=cifar10"]).model.stem == "auto"
     plain = compose(["+experiment=moco_v2", "recipe=none"])
     assert plain.model.stem == "auto" and list(plain.augment.crop_scale) == [0.2, 1.0]
