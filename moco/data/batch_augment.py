@@ -241,9 +241,11 @@ class BatchAugment:
             (s["saturation"] > 0, lambda v: adjust_saturation(v, p["saturation"])),
             (s["hue"] > 0, lambda v: adjust_hue(v, p["hue"])),
         ]
+        # No check whether any image chose a part for a slot: in a batch of dozens nearly every
+        # slot has every part, and on a GPU the check would cost a host sync each time.
         for slot in range(4):
             for part, (enabled, adjust) in enumerate(parts):
-                chosen = p["jitter"] & (p["order"][:, slot] == part)
-                if enabled and bool(chosen.any()):
+                if enabled:
+                    chosen = p["jitter"] & (p["order"][:, slot] == part)
                     x = torch.where(chosen[:, None, None, None], adjust(x), x)
         return x
