@@ -134,7 +134,22 @@ def resume_checkpoint(resume: str, run_dir: Path, model: pl.LightningModule) -> 
             f"resume={path} was written by a different model ({problem}): resume with that "
             f"run's settings (its config.yaml), or start fresh with resume=none"
         )
+    changed = changed_settings(checkpoint.get("hyper_parameters", {}), dict(model.hparams))
+    if changed:
+        # Allowed (a longer schedule, another lr), but never silently: a recipe or default
+        # that changed since the run started (say T) would otherwise slip into the run.
+        pl.utilities.rank_zero_warn(
+            f"resuming {path} with settings that differ from the checkpoint's: {changed}"
+        )
     return ResumePoint(path, int(checkpoint.get("global_step", 0)))
+
+
+def changed_settings(before: dict, now: dict) -> str:
+    """The model settings that differ between a checkpoint and this run, as 'key old -> new'."""
+    keys = sorted(set(before) | set(now))
+    return ", ".join(
+        f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)
+    )
 
 
 def carry_over_metrics(logger: CSVLogger, resume: ResumePoint) -> None:

@@ -13,10 +13,10 @@ from moco.eval.results import Row, knn_per_epoch, markdown_table, plot_knn_per_e
 
 ROWS = [
     Row("raw", "raw pixels"),
-    Row("random", "random-init ResNet-18"),
-    Row("moco_v1", "MoCo v1, 1-hour budget"),
-    Row("moco_v2", "MoCo v2, 1-hour budget"),
-    Row("moco_v2_long", "MoCo v2, longer run"),
+    Row("random", "random-init ResNet-18 (the recipe's stem)"),
+    Row("moco_v1", "MoCo v1, recipe"),
+    Row("moco_v2", "MoCo v2, recipe"),
+    Row("moco_v2_long", "MoCo v2, recipe, longer run"),
 ]
 
 

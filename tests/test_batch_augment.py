@@ -234,4 +234,7 @@ def test_both_pipelines_apply_the_same_colour_operations(compose, channels):
         assert (strength > 0) == (getattr(jitter, part) is not None), part
     grayscale = [op.p for op in per_image if isinstance(op, v2.RandomGrayscale)]
     assert grayscale == ([batched.grayscale_p] if channels == 3 else [])
-    assert (batched.strengths["hue"] > 0) == (channels == 3)
+    # What the rule is: brightness and contrast always; the rest on RGB only.
+    assert jitter.brightness == pytest.approx((0.6, 1.4)) and jitter.contrast is not None
+    rgb_only = (jitter.saturation, jitter.hue, batched.strengths["saturation"], grayscale)
+    assert all(rgb_only) if channels == 3 else not any(rgb_only)

@@ -215,6 +215,7 @@ def test_fashion_mnist_recipe_applies_to_fashion_mnist_only(compose):
     assert tuned.model.temperature == recipe.method_tuning.moco_v2.temperature != 0.2
     assert compose(["+experiment=moco_v1"]).model.temperature == 0.07  # tuned for v2 only
     assert compose(["+experiment=moco_v2", "recipe=none"]).model.temperature == 0.2
+    assert compose(["+experiment=moco_v2_imagenet"]).model.temperature == 0.2  # no recipe there
     assert compose(["+experiment=moco_v2", "model.temperature=0.3"]).model.temperature == 0.3
     assert compose(["+experiment=moco_v2", "data=cifar10"]).model.stem == "auto"
     plain = compose(["+experiment=moco_v2", "recipe=none"])

@@ -220,3 +220,17 @@ def test_resume_errors_are_one_line_config_errors(tmp_path, tiny_moco):
     torch.save({"state_dict": other.state_dict(), "hyper_parameters": dict(other.hparams)}, path)
     with pytest.raises(ConfigError, match="different model .*resume=none"):
         resume_checkpoint(str(path), tmp_path, model)
+
+
+def test_resuming_with_changed_settings_warns_and_names_them(tmp_path, tiny_moco, recwarn):
+    """A run resumed under another temperature (say, a recipe changed since it started) goes
+    on, but not silently; an unchanged one resumes without a word."""
+    before, _ = tiny_moco("model.temperature=0.2")
+    path = tmp_path / "before.ckpt"
+    torch.save({"state_dict": before.state_dict(), "hyper_parameters": dict(before.hparams)}, path)
+    same, _ = tiny_moco("model.temperature=0.2")
+    assert resume_checkpoint(str(path), tmp_path, same) is not None
+    assert not [w for w in recwarn if "differ" in str(w.message)]
+    now, _ = tiny_moco("model.temperature=0.1")
+    with pytest.warns(UserWarning, match=r"differ from the checkpoint's: temperature 0.2 -> 0.1$"):
+        assert resume_checkpoint(str(path), tmp_path, now) is not None
