@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torchvision.transforms import v2
 
 from moco.data import PretrainDataModule, load_dataset
@@ -339,3 +340,20 @@ def test_pretrain_datamodule_yields_pairs_of_views_with_drop_last(tiny_cfg):
         assert view_q.dtype == torch.float32
         assert labels.shape == (8,) and labels.dtype == torch.long
         assert not torch.allclose(view_q, view_k)
+
+
+def test_augmentation_without_jitter_needs_no_jitter_strengths(compose):
+    # The linear probe's augmentation (conf/probe/) says only color_jitter: {p: 0}.
+    cfg = compose(["+experiment=moco_v2", "data=stl10"])
+    plain = OmegaConf.create(
+        {
+            "crop_scale": [0.08, 1.0],
+            "color_jitter": {"p": 0.0},
+            "grayscale_p": 0.0,
+            "blur": {"p": 0.0},
+            "flip_p": 0.5,
+        }
+    )
+    ops = flat_ops(pretrain_transform(plain, cfg.data))
+    assert not find(ops, v2.ColorJitter) and not find(ops, v2.RandomGrayscale)
+    assert [type(op) for op in ops[:2]] == [v2.RandomResizedCrop, v2.RandomHorizontalFlip]

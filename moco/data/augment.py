@@ -31,15 +31,19 @@ def blur_kernel_size(aug_cfg, size: int) -> int | None:
 
 def colour_strengths(aug_cfg, channels: int) -> tuple[dict[str, float], float]:
     """The colour-jitter strengths and the random-grayscale p that act on images of ``channels``
-    channels: on grey images saturation, hue and grayscale do nothing, so they are 0."""
+    channels: on grey images saturation, hue and grayscale do nothing, so they are 0. Without
+    jitter (p = 0) the strengths are 0 and need not be in the config (conf/probe/)."""
     jitter, grey = aug_cfg.color_jitter, channels == 1
+    grayscale_p = 0.0 if grey else aug_cfg.grayscale_p
+    if jitter.p <= 0:
+        return dict.fromkeys(("brightness", "contrast", "saturation", "hue"), 0.0), grayscale_p
     strengths = {
         "brightness": jitter.brightness,
         "contrast": jitter.contrast,
         "saturation": 0.0 if grey else jitter.saturation,
         "hue": 0.0 if grey else jitter.hue,
     }
-    return strengths, 0.0 if grey else aug_cfg.grayscale_p
+    return strengths, grayscale_p
 
 
 def _normalize(data_cfg) -> list:

@@ -203,17 +203,17 @@ class BatchAugment:
 
     def draw(self, n: int, height: int, width: int) -> dict:
         """All random choices for ``n`` images, drawn on the CPU from torch's global generator."""
-        j = self.jitter
+        j = self.strengths  # ranges as torchvision's ColorJitter draws them
         return {
             "box": crop_boxes(n, height, width, self.scale),
-            "jitter": torch.rand(n) < j.p,
+            "jitter": torch.rand(n) < self.jitter.p,
             # Each image's own order of brightness, contrast, saturation, hue (torch.randperm(4)
             # in torchvision), as ranks of four uniform numbers.
             "order": torch.rand(n, 4).argsort(dim=1),
-            "brightness": _uniform(n, max(0.0, 1 - j.brightness), 1 + j.brightness),
-            "contrast": _uniform(n, max(0.0, 1 - j.contrast), 1 + j.contrast),
-            "saturation": _uniform(n, max(0.0, 1 - j.saturation), 1 + j.saturation),
-            "hue": _uniform(n, -j.hue, j.hue),
+            "brightness": _uniform(n, max(0.0, 1 - j["brightness"]), 1 + j["brightness"]),
+            "contrast": _uniform(n, max(0.0, 1 - j["contrast"]), 1 + j["contrast"]),
+            "saturation": _uniform(n, max(0.0, 1 - j["saturation"]), 1 + j["saturation"]),
+            "hue": _uniform(n, -j["hue"], j["hue"]),
             "grayscale": torch.rand(n) < self.grayscale_p,
             "blur": torch.rand(n) < self.blur_p,
             "sigma": _uniform(n, *self.blur_sigma),
