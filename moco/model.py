@@ -1,23 +1,20 @@
 """MoCo as a LightningModule: composes the encoders, the momentum update, the queue and InfoNCE."""
 
 import copy
-import math
 from collections.abc import Mapping
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torch.optim.lr_scheduler import LambdaLR
 
 from moco.distributed import all_ranks, encode_shuffled, gather, world_size
 from moco.encoders import Encoder, build_backbone, build_head
 from moco.errors import ConfigError, TrainingDiverged
 from moco.losses import contrastive_top1, info_nce
 from moco.momentum import cosine_momentum, momentum_update
-from moco.optim.schedules import lr_factor
+from moco.optim.training import scheduled_optimizer
 from moco.queue import KeyQueue
 
 
@@ -158,28 +155,7 @@ class MoCo(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         lr = hp.optimizer["lr"] * self.global_batch_size() / hp.lr_reference_batch
-        optimizer = hydra.utils.instantiate(hp.optimizer, params=self.encoder_q.parameters(), lr=lr)
-        total_steps = self._total_steps = int(self.trainer.estimated_stepping_batches)
-        batches = self.trainer.num_training_batches
-        # With only max_steps set, Lightning may not know the epoch length (inf): then an
-        # "epoch" of warm-up is taken to be the whole run.
-        steps_per_epoch = (
-            max(int(batches) // self.trainer.accumulate_grad_batches, 1)
-            if math.isfinite(batches)
-            else total_steps
+        config, self._total_steps = scheduled_optimizer(
+            self.trainer, self.encoder_q.parameters(), hp.optimizer, hp.scheduler, lr
         )
-        warmup_steps = min(
-            round(hp.scheduler.get("warmup_epochs", 0) * steps_per_epoch), total_steps
-        )
-        schedule = LambdaLR(
-            optimizer,
-            lambda step: lr_factor(
-                step,
-                total_steps,
-                hp.scheduler["name"],
-                warmup_steps,
-                hp.scheduler.get("milestones", ()),
-                hp.scheduler.get("gamma", 0.1),
-            ),
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return config
