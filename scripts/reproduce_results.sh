@@ -7,6 +7,7 @@
 #   LONG_EPOCHS=20 scripts/reproduce_results.sh       # also a longer MoCo v2 run
 #   OUT=runs/results2 scripts/reproduce_results.sh    # elsewhere (default runs/results)
 #   METHODS=moco_v2 scripts/reproduce_results.sh      # pretrain only these (default v2 and v1)
+#   SUPERVISED_EPOCHS=0 scripts/reproduce_results.sh  # no supervised reference (default 5 epochs)
 #
 # Re-running continues: finished steps are skipped and an interrupted pretraining resumes from
 # its last checkpoint. The table's time is the run's own training clock (time/train_s, all parts
@@ -57,10 +58,14 @@ main() {  # in a function, so bash parses the whole script before running it: an
     if [[ -n ${LONG_EPOCHS:-} ]]; then
         pretrain moco_v2_long +experiment=moco_v2 trainer.max_epochs="$LONG_EPOCHS"
     fi
+    # The bar for the self-supervised rows: the same backbone and data trained with the labels.
+    if [[ ${SUPERVISED_EPOCHS:-5} != 0 ]]; then
+        pretrain supervised +experiment=supervised trainer.max_epochs="${SUPERVISED_EPOCHS:-5}"
+    fi
 
     evaluate raw raw
     evaluate random random backbone.stem="$STEM"
-    for name in moco_v2 moco_v1 moco_v2_long; do
+    for name in moco_v2 moco_v1 moco_v2_long supervised; do
         if [[ -f $OUT/$name/checkpoints/last.ckpt ]]; then
             evaluate "$name" "$OUT/$name/checkpoints/last.ckpt"
         fi

@@ -6,7 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from moco.eval.results import Row, knn_per_epoch, markdown_table, plot_knn_per_epoch, table_row
+from moco.eval.results import (
+    Row,
+    knn_per_epoch,
+    knn_per_minute,
+    markdown_table,
+    plot_knn_per_epoch,
+    table_row,
+)
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -60,6 +67,21 @@ def test_knn_per_epoch_reads_the_monitor_rows_and_plots(tmp_path):
     assert points == [(1, 70.5), (2, 80.25)]
     figure = tmp_path / "fig" / "knn.png"
     plot_knn_per_epoch({"MoCo v2": points}, figure, "note")
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_knn_per_minute_pairs_each_epochs_value_with_its_training_clock(tmp_path):
+    fake_results(tmp_path)
+    # The training clock on the epoch-end rows; epoch 3 has a clock but no kNN value.
+    (tmp_path / "moco_v2" / "logs" / "metrics.csv").write_text(
+        "epoch,knn_top1,step,time/train_s,train/loss_step\n0,,9,,7.5\n0,70.5,233,150,\n"
+        "1,,243,,7.0\n1,80.25,467,300,\n2,,700,450,\n"
+    )
+    assert knn_per_minute(tmp_path / "moco_v2") == [(2.5, 70.5), (5.0, 80.25)]
+    figure = tmp_path / "knn.png"
+    curve = {"MoCo v2": knn_per_epoch(tmp_path / "moco_v2")}
+    by_minute = {"MoCo v2": knn_per_minute(tmp_path / "moco_v2")}
+    plot_knn_per_epoch(curve, figure, "note", per_minute=by_minute, goal=90.0)
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -97,34 +97,56 @@ def _training_seconds(run_dir: Path) -> str | None:
     return _last_logged(run_dir, "time/train_s")
 
 
-def knn_per_epoch(run_dir: Path) -> list[tuple[int, float]]:
-    """(epoch, knn_top1) as the online monitor logged them, in epoch order (1-based epochs)."""
+def _per_epoch(run_dir: Path, key: str) -> dict[int, float]:
+    """{epoch (1-based): value} of ``key`` as the run's metrics.csv logged it (last value wins)."""
     points = {}
     with (run_dir / "logs" / "metrics.csv").open() as f:
         for record in csv.DictReader(f):
-            value = record.get("knn_top1")
+            value = record.get(key)
             if value not in (None, "") and not math.isnan(float(value)):
                 points[int(record["epoch"]) + 1] = float(value)
-    return sorted(points.items())
+    return points
 
 
-def plot_knn_per_epoch(curves: dict[str, list[tuple[int, float]]], path: Path, note: str) -> None:
-    """One line per run: kNN top-1 after each epoch."""
+def knn_per_epoch(run_dir: Path) -> list[tuple[int, float]]:
+    """(epoch, knn_top1) as the online monitor logged them, in epoch order (1-based epochs)."""
+    return sorted(_per_epoch(run_dir, "knn_top1").items())
+
+
+def knn_per_minute(run_dir: Path) -> list[tuple[float, float]]:
+    """(training minutes at the end of the epoch, knn_top1), for the epochs with both logged."""
+    knn, seconds = _per_epoch(run_dir, "knn_top1"), _per_epoch(run_dir, "time/train_s")
+    return [(seconds[e] / 60, knn[e]) for e in sorted(knn) if e in seconds]
+
+
+def plot_knn_per_epoch(
+    curves: dict[str, list[tuple[int, float]]],
+    path: Path,
+    note: str,
+    per_minute: dict[str, list[tuple[float, float]]] | None = None,
+    goal: float | None = None,
+) -> None:
+    """One line per run: kNN top-1 after each epoch; with ``per_minute``, a second panel against
+    training minutes (the budget the goal is set in); ``goal`` draws a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for label, points in curves.items():
-        if points:
-            epochs, values = zip(*points, strict=True)
-            ax.plot(epochs, values, marker="o", label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("kNN top-1 (%)")
-    ax.set_title("Fashion-MNIST, kNN top-1 during pretraining", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    panels = [("epoch", curves)] + ([("training minutes", per_minute)] if per_minute else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), dpi=120, squeeze=False)
+    for ax, (xlabel, panel) in zip(axes[0], panels, strict=True):
+        for label, points in panel.items():
+            if points:
+                xs, values = zip(*points, strict=True)
+                ax.plot(xs, values, marker="o", markersize=3, label=label)
+        if goal is not None:
+            ax.axhline(goal, color="0.3", linestyle="--", linewidth=1, label=f"goal {goal:g}%")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("kNN top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Fashion-MNIST, kNN top-1 during training", fontsize=10)
     fig.text(0.01, 0.01, note, fontsize=7, color="0.4")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
