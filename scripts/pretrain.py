@@ -1,6 +1,7 @@
 """Self-supervised MoCo pretraining.
 
 python scripts/pretrain.py +experiment=moco_v2 [key=value ...]
+python scripts/pretrain.py +experiment=supervised   # the labelled reference, not MoCo
 """
 
 from pathlib import Path
