@@ -81,7 +81,7 @@ def test_knn_per_minute_pairs_each_epochs_value_with_its_training_clock(tmp_path
     figure = tmp_path / "knn.png"
     curve = {"MoCo v2": knn_per_epoch(tmp_path / "moco_v2")}
     by_minute = {"MoCo v2": knn_per_minute(tmp_path / "moco_v2")}
-    plot_knn_per_epoch(curve, figure, "note", per_minute=by_minute, goal=90.0)
+    plot_knn_per_epoch(curve, figure, "note", per_minute=by_minute, goal=90.0, budget_minutes=60)
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -125,13 +125,16 @@ def plot_knn_per_epoch(
     note: str,
     per_minute: dict[str, list[tuple[float, float]]] | None = None,
     goal: float | None = None,
+    budget_minutes: float | None = None,
 ) -> None:
     """One line per run: kNN top-1 after each epoch; with ``per_minute``, a second panel against
-    training minutes (the budget the goal is set in); ``goal`` draws a dashed line."""
+    training minutes (the budget the goal is set in, ``budget_minutes`` a dotted line); ``goal``
+    draws a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = [("epoch", curves)] + ([("training minutes", per_minute)] if per_minute else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), dpi=120, squeeze=False)
@@ -142,6 +145,10 @@ def plot_knn_per_epoch(
                 ax.plot(xs, values, marker="o", markersize=3, label=label)
         if goal is not None:
             ax.axhline(goal, color="0.3", linestyle="--", linewidth=1, label=f"goal {goal:g}%")
+        if xlabel == "epoch":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        elif budget_minutes is not None:
+            ax.axvline(budget_minutes, color="0.3", linestyle=":", linewidth=1, label="budget")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("kNN top-1 (%)")
         ax.grid(alpha=0.3)
