@@ -76,4 +76,4 @@ main() {  # in a function, so bash parses the whole script before running it: an
     echo "Figures in docs/figures/; table in $OUT/results.md"
 }
 
-main "$@"
+main "$@"; exit $?  # on the same line: bash must not read on after main (the file may be edited meanwhile)
