@@ -154,8 +154,12 @@ class MoCo(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        lr = hp.optimizer["lr"] * self.global_batch_size() / hp.lr_reference_batch
         config, self._total_steps = scheduled_optimizer(
-            self.trainer, self.encoder_q.parameters(), hp.optimizer, hp.scheduler, lr
+            self.trainer,
+            self.encoder_q.parameters(),
+            hp.optimizer,
+            hp.scheduler,
+            self.global_batch_size(),
+            hp.lr_reference_batch,
         )
         return config

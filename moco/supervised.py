@@ -63,8 +63,12 @@ class SupervisedReference(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        lr = hp.optimizer["lr"] * hp.batch_size * self.trainer.world_size / hp.lr_reference_batch
         config, _ = scheduled_optimizer(
-            self.trainer, self.encoder_q.parameters(), hp.optimizer, hp.scheduler, lr
+            self.trainer,
+            self.encoder_q.parameters(),
+            hp.optimizer,
+            hp.scheduler,
+            hp.batch_size * self.trainer.world_size,
+            hp.lr_reference_batch,
         )
         return config

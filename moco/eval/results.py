@@ -145,13 +145,13 @@ def plot_knn_per_epoch(
                 ax.plot(xs, values, marker="o", markersize=3, label=label)
         if goal is not None:
             ax.axhline(goal, color="0.3", linestyle="--", linewidth=1, label=f"goal {goal:g}%")
-        if xlabel == "epoch":
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        elif budget_minutes is not None:
-            ax.axvline(budget_minutes, color="0.3", linestyle=":", linewidth=1, label="budget")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("kNN top-1 (%)")
         ax.grid(alpha=0.3)
+    axes[0][0].xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
+    if per_minute and budget_minutes is not None:
+        axes[0][1].axvline(budget_minutes, color="0.3", linestyle=":", linewidth=1, label="budget")
+    for ax in axes[0]:
         ax.legend(fontsize=8)
     fig.suptitle("Fashion-MNIST, kNN top-1 during training", fontsize=10)
     fig.text(0.01, 0.01, note, fontsize=7, color="0.4")

@@ -16,13 +16,16 @@ def scheduled_optimizer(
     params: Iterable[torch.nn.Parameter],
     optimizer: Mapping,
     scheduler: Mapping,
-    lr: float,
+    global_batch: int,
+    lr_reference_batch: int,
 ) -> tuple[dict, int]:
-    """``optimizer`` (a Hydra config with ``_target_``) at ``lr``, stepped every iteration by the
+    """``optimizer`` (a Hydra config with ``_target_`` and a base ``lr`` for a global batch of
+    ``lr_reference_batch``, scaled linearly to ``global_batch``), stepped every iteration by the
     ``scheduler`` config (``name``, ``warmup_epochs``, for ``step`` ``milestones`` and ``gamma``).
 
     Returns Lightning's optimizer dict and the number of optimizer steps of the whole run.
     """
+    lr = optimizer["lr"] * global_batch / lr_reference_batch
     opt = hydra.utils.instantiate(optimizer, params=params, lr=lr)
     total_steps = int(trainer.estimated_stepping_batches)
     batches = trainer.num_training_batches
