@@ -1,6 +1,6 @@
 """moco: Momentum Contrast self-supervised learning with PyTorch Lightning and Hydra."""
 
-from moco.launch import register_resolvers
+from moco.run.launch import register_resolvers
 
 # conf/ refers to the launcher's numbers (${moco.run_stamp:} and friends); any import of the
 # package makes them resolvable, before Hydra composes a config.

@@ -1,5 +1,6 @@
 """Encoders: a torchvision ResNet backbone plus a projection head."""
 
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 
 import torch
@@ -78,3 +79,33 @@ class Encoder(nn.Module):
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(images))
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What fixes an encoder's architecture. Every checkpoint carries one (``encoder_spec``), and
+    every evaluation and export builds the encoder from it."""
+
+    backbone: str  # a key of BACKBONES
+    stem: str  # one of STEMS (auto is resolved against image_size when built)
+    in_channels: int
+    image_size: int
+    head: str  # one of HEADS
+    dim: int  # output of the head: the embedding (MoCo) or the classes (supervised)
+    channels_last: bool = False
+
+    def build(self, bn_splits: int = 1) -> "Encoder":
+        net = build_backbone(self.backbone, self.in_channels, self.image_size, bn_splits, self.stem)
+        head = build_head(self.head, net.feature_dim, self.dim)
+        return Encoder(net, head, self.channels_last)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "EncoderSpec":
+        """The spec of a dict that holds its keys (others are ignored); files written before
+        ``stem`` and ``channels_last`` existed get their values of that time."""
+        known = {f.name for f in fields(cls)}
+        given = {k: v for k, v in values.items() if k in known}
+        return cls(**{"stem": "auto", **given})

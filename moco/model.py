@@ -2,27 +2,33 @@
 
 import copy
 from collections.abc import Mapping
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 
 from moco.distributed import all_ranks, encode_shuffled, gather, world_size
-from moco.encoders import Encoder, build_backbone, build_head
+from moco.encoders import EncoderSpec
 from moco.errors import ConfigError, TrainingDiverged
 from moco.losses import contrastive_top1, info_nce
 from moco.momentum import cosine_momentum, momentum_update
-from moco.optim.training import scheduled_optimizer
+from moco.optim.scheduled import lightning_optimizer
 from moco.queue import KeyQueue
+from moco.settings import plain_settings
 
 
-def _plain(value: Any) -> Any:
-    """DictConfig -> dict, so hyper-parameters pickle into checkpoints as plain Python objects."""
-    if isinstance(value, DictConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
+def queue_too_small(queue_size: int, batch_size: int, world: int, symmetric: bool) -> str | None:
+    """Why a queue of ``queue_size`` cannot take the keys one step enqueues, or None if it can:
+    every rank enqueues the whole global batch (twice when symmetric)."""
+    keys_per_step = batch_size * world * (2 if symmetric else 1)
+    if queue_size >= keys_per_step:
+        return None
+    which = "global batch x 2, symmetric" if symmetric else "global batch"
+    processes = f" by {world} processes" if world > 1 else ""
+    return (
+        f"model.queue_size={queue_size} is smaller than the {keys_per_step} keys enqueued per "
+        f"step{processes} ({which}): raise model.queue_size or lower data.batch_size"
+    )
 
 
 class MoCo(pl.LightningModule):
@@ -57,17 +63,17 @@ class MoCo(pl.LightningModule):
         stem: str = "auto",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(
-            {k: _plain(v) for k, v in locals().items() if k not in ("self", "__class__")}
+        self.save_hyperparameters(plain_settings(locals()))
+        hp = self.hparams
+        self.encoder_spec = EncoderSpec(
+            hp.backbone, hp.stem, hp.in_channels, hp.image_size, hp.head, hp.dim, hp.channels_last
         )
-        net = build_backbone(backbone, in_channels, image_size, bn_splits, stem)
-        self.encoder_q = Encoder(net, build_head(head, net.feature_dim, dim), channels_last)
+        self.encoder_q = self.encoder_spec.build(bn_splits)
         # The key encoder starts as an exact copy (backbone AND head) and never gets gradients:
         # it only moves through momentum_update.
         self.encoder_k = copy.deepcopy(self.encoder_q)
         self.encoder_k.requires_grad_(False)
-        self.queue = KeyQueue(queue_size, dim)
-        self._total_steps = 0  # optimizer steps of the whole run, known once training is set up
+        self.queue = KeyQueue(hp.queue_size, hp.dim)
 
     # ----------------------------------------------------------------------------- training
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -79,9 +85,9 @@ class MoCo(pl.LightningModule):
         # The negatives are read once, before this step's keys enter the queue. A copy, because
         # enqueue writes the buffer in place while the logits still need it for backward.
         negatives = self.queue.keys.clone()  # K x C
-        loss, logits, keys = self._contrast(view_q, view_k, negatives)
+        loss, logits, keys = self.contrast(view_q, view_k, negatives)
         if hp.symmetric:
-            loss_21, _, keys_21 = self._contrast(view_k, view_q, negatives)
+            loss_21, _, keys_21 = self.contrast(view_k, view_q, negatives)
             loss = loss + loss_21
             keys = torch.cat([keys, keys_21])  # 2N x C
         # Every rank enqueues the keys of the whole global batch, in rank order, so the queues
@@ -106,6 +112,7 @@ class MoCo(pl.LightningModule):
             )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["encoder_spec"] = self.encoder_spec.to_dict()
         # Refuse to write weights that cannot be trained or evaluated any more.
         for name, tensor in checkpoint["state_dict"].items():
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
@@ -115,7 +122,7 @@ class MoCo(pl.LightningModule):
                     "resume from the last checkpoint"
                 )
 
-    def _contrast(self, im_q, im_k, negatives):
+    def contrast(self, im_q, im_k, negatives):
         """InfoNCE of queries from ``im_q`` against keys from ``im_k``; also returns the keys."""
         q = F.normalize(self.encoder_q(im_q), dim=1)  # N x C
         with torch.no_grad():
@@ -133,19 +140,19 @@ class MoCo(pl.LightningModule):
 
     def _current_momentum(self) -> float:
         m = self.hparams.momentum
-        if self.hparams.momentum_schedule == "cosine" and self._total_steps:
-            return cosine_momentum(m, self.global_step, self._total_steps)
+        if self.hparams.momentum_schedule == "cosine" and self._trainer is not None:
+            return cosine_momentum(
+                m, self.global_step, int(self.trainer.estimated_stepping_batches)
+            )
         return m
 
     def setup(self, stage: str) -> None:
         # The config check counts devices x nodes; this is the world Lightning really started.
-        keys_per_step = self.global_batch_size() * (2 if self.hparams.symmetric else 1)
-        if keys_per_step > self.queue.size:
-            raise ConfigError(
-                f"model.queue_size={self.queue.size} is smaller than the {keys_per_step} keys "
-                f"enqueued per step by {self.trainer.world_size} processes: raise "
-                "model.queue_size or lower data.batch_size"
-            )
+        hp = self.hparams
+        world = self.trainer.world_size
+        problem = queue_too_small(self.queue.size, hp.batch_size, world, hp.symmetric)
+        if problem:
+            raise ConfigError(problem)
 
     # ---------------------------------------------------------------------------- optimizer
     def global_batch_size(self) -> int:
@@ -154,12 +161,7 @@ class MoCo(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        config, self._total_steps = scheduled_optimizer(
-            self.trainer,
-            self.encoder_q.parameters(),
-            hp.optimizer,
-            hp.scheduler,
-            self.global_batch_size(),
-            hp.lr_reference_batch,
-        )
-        return config
+        return lightning_optimizer(
+            self.trainer, self.encoder_q.parameters(), hp.optimizer, hp.scheduler,
+            self.global_batch_size(), hp.lr_reference_batch,
+        )  # fmt: skip

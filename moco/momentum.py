@@ -5,6 +5,9 @@ import math
 import torch
 from torch import nn
 
+# How m moves over training: constant, or cosine_momentum below.
+MOMENTUM_SCHEDULES = ("constant", "cosine")
+
 
 @torch.no_grad()
 def momentum_update(online: nn.Module, target: nn.Module, m: float) -> None:

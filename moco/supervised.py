@@ -1,56 +1,53 @@
-"""The supervised reference: the pretraining backbone trained with the labels instead of MoCo.
+"""The supervised reference: the pretraining backbone trained with the labels.
 
-It answers "how good do this backbone's features get on this data set when the labels are
-used?", the bar that kNN on self-supervised features is read against (README "Results"). It runs
-through the pretraining pipeline (``+experiment=supervised``): same data module and augmented
-views, optimizer, LR schedule, checkpoints and kNN monitor. Its checkpoints read like MoCo's:
-``encoder_q`` is the backbone with a linear classifier as its head, so every evaluation script
-takes them unchanged.
+Not part of MoCo: the bar that self-supervised features are measured against. Same backbone,
+data, augmented views, optimizer, schedule, checkpoints and kNN monitor as pretraining, only the
+objective differs: cross-entropy through a linear classifier on the query view. Its encoder is
+the backbone with that classifier as its head, so its checkpoints carry an encoder spec like
+MoCo's and every evaluation script reads them.
 """
 
-from typing import Any
+from collections.abc import Mapping
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from moco.encoders import Encoder, build_backbone, build_head
-from moco.model import _plain
-from moco.optim.training import scheduled_optimizer
+from moco.encoders import EncoderSpec
+from moco.optim.scheduled import lightning_optimizer
+from moco.settings import plain_settings
 
 
 class SupervisedReference(pl.LightningModule):
     """Backbone + linear classifier, cross-entropy on the query view of each batch.
 
-    ``**moco_only`` takes the MoCo settings of ``conf/model/moco.yaml`` (queue, temperature,
-    momentum, ...): they stay in the composed config, which is validated as a pretraining config,
-    but mean nothing here. BatchNorm is plain: split BN only exists for MoCo's key encoder.
+    Every argument comes from ``conf/model/supervised.yaml``. BatchNorm is plain: split BN only
+    exists for MoCo's key encoder.
     """
 
     def __init__(
         self,
         *,
         backbone: str,
+        stem: str,
         in_channels: int,
         image_size: int,
-        num_classes: int,
         channels_last: bool,
+        num_classes: int,
         batch_size: int,
         lr_reference_batch: int,
-        optimizer: Any,
-        scheduler: Any,
-        stem: str = "auto",
-        **moco_only: Any,
+        optimizer: Mapping,
+        scheduler: Mapping,
     ) -> None:
         super().__init__()
-        settings = {k: _plain(v) for k, v in locals().items() if k not in ("self", "__class__")}
-        del settings["moco_only"]
-        # head and dim as the evaluation scripts rebuild the encoder from a checkpoint.
-        self.save_hyperparameters({**settings, "head": "linear", "dim": num_classes})
-        net = build_backbone(backbone, in_channels, image_size, 1, stem)
-        self.encoder_q = Encoder(
-            net, build_head("linear", net.feature_dim, num_classes), channels_last
-        )
+        self.save_hyperparameters(plain_settings(locals()))
+        hp = self.hparams
+        # The head is the classifier: num_classes logits, the "embedding" evaluation may read.
+        self.encoder_spec = EncoderSpec(
+            hp.backbone, hp.stem, hp.in_channels, hp.image_size, "linear", num_classes,
+            hp.channels_last,
+        )  # fmt: skip
+        self.encoder_q = self.encoder_spec.build()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         (view, _), labels = batch  # the second augmented view is not needed
@@ -61,14 +58,12 @@ class SupervisedReference(pl.LightningModule):
         self.log("train/top1", top1, prog_bar=True, on_step=True, on_epoch=True)
         return loss
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["encoder_spec"] = self.encoder_spec.to_dict()
+
     def configure_optimizers(self):
         hp = self.hparams
-        config, _ = scheduled_optimizer(
-            self.trainer,
-            self.encoder_q.parameters(),
-            hp.optimizer,
-            hp.scheduler,
-            hp.batch_size * self.trainer.world_size,
-            hp.lr_reference_batch,
-        )
-        return config
+        return lightning_optimizer(
+            self.trainer, self.encoder_q.parameters(), hp.optimizer, hp.scheduler,
+            hp.batch_size * self.trainer.world_size, hp.lr_reference_batch,
+        )  # fmt: skip

@@ -1,20 +1,20 @@
 """Training speed: compute floor, our MoCo step, an official-style MoCo step, the full loop.
 
-    python scripts/benchmark.py              # the default Fashion-MNIST setting (~10 min here)
+    python scripts/benchmark.py              # the default Fashion-MNIST setting (minutes on a CPU)
     python scripts/benchmark.py --batch 64 --queue-size 4096 --steps 3 --warmup 1 --interleave
     python scripts/benchmark.py --interleave --variants floor,moco,official,loop
     python scripts/benchmark.py --interleave --variants floor,floor_nchw   # channels_last
     python scripts/benchmark.py --variants loop_w0,loop_w1,loop_w2 --threads 1,2
     python scripts/benchmark.py --variants levers,moco_noclone,moco_compiled
 
-Variants (moco/benchmark.py says what each measures): floor, moco, official, loop (the
+Variants (moco/tools/benchmark/ says what each measures): floor, moco, official, loop (the
 configured data.num_workers), loop_w<n> (n workers), moco_noclone, moco_compiled, floor_nchw,
 levers. Each comma-separated list of --precision, --channels-last, --threads and --malloc
 makes one case per combination. Each measurement runs in a fresh process (peak memory: its
 ru_maxrss) unless --in-process; --interleave runs the step variants of a case in one process,
 a step of each in turn, which is what makes their ratios fair on a machine shared with other
-jobs. The second line above is a quick run (about a minute here). Prints one table per case
-and writes everything to --json.
+jobs. The second line above is a quick run. Prints one table per case and writes everything
+to --json.
 """
 
 import argparse
@@ -24,9 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from moco.benchmark import MAIN_VARIANTS, Settings, run, validate_variant
 from moco.errors import MocoUserError
-from moco.hardware import MALLOC_MODES
+from moco.run.hardware import MALLOC_MODES
+from moco.tools.benchmark import MAIN_VARIANTS, Settings, run, validate_variant
 
 
 def _list(kind):

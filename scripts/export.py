@@ -14,9 +14,9 @@ Loading it without this package (see <export>.json for the stem of small or grey
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from moco.cli import exit_on_user_error, run_hydra_main
 from moco.errors import ConfigError
-from moco.export import export_backbone, metadata_path
+from moco.run.cli import exit_on_user_error, run_hydra_main
+from moco.run.export import export_backbone, metadata_path
 
 
 @hydra.main(config_path="../conf", config_name="export", version_base="1.3")

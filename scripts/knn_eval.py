@@ -9,8 +9,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from moco.cli import exit_on_user_error, run_hydra_main
-from moco.eval.runs import run_knn
+from moco.run.cli import exit_on_user_error, run_hydra_main
+from moco.run.evaluate import run_knn
 
 
 @hydra.main(config_path="../conf", config_name="knn", version_base="1.3")

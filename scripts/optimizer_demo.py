@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from moco.optim import SGD, AdaGrad, Adam, Momentum, Nesterov, RMSProp  # noqa: E402
-from moco.optim.demo_functions import bowl_1d, run_path, steps_to_reach, valley  # noqa: E402
+from moco.tools.optimizer_demo import bowl_1d, run_path, steps_to_reach, valley  # noqa: E402
 
 START_2D = (-7.0, 2.0)
 THRESHOLD = 1e-3

@@ -10,8 +10,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from moco.cli import exit_on_user_error, run_hydra_main
-from moco.train import pretrain
+from moco.run.cli import exit_on_user_error, run_hydra_main
+from moco.run.train import pretrain
 
 
 @hydra.main(config_path="../conf", config_name="pretrain", version_base="1.3")

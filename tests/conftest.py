@@ -13,7 +13,14 @@ import pytest
 import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from moco.errors import ConfigError
+from moco.run.check import omegaconf_error_line
+from moco.run.cli import hydra_error_line
+from moco.run.schema import register
 
 # The tensors here are tiny, so a second thread buys nothing, and on a shared 2-core machine two
 # threads per process oversubscribe the cores: a tiny MoCo step measured 10x slower with 2
@@ -39,8 +46,12 @@ TINY_OVERRIDES = (
 
 @functools.cache
 def _composed(overrides: tuple[str, ...], config_name: str) -> DictConfig:
+    register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+        try:
+            return hydra_compose(config_name=config_name, overrides=list(overrides))
+        except ConfigCompositionException as exc:  # what the scripts report as one line
+            raise ConfigError(hydra_error_line(exc)) from None
 
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "pretrain") -> DictConfig:
@@ -54,8 +65,12 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "pretrain")
 
 def with_values(cfg: DictConfig, *dotlist: str) -> DictConfig:
     """``cfg`` with ``key=value`` pairs merged in (values parsed as YAML, like Hydra does for
-    plain values). A fast stand-in for composing again when only existing values change."""
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(dotlist)))
+    plain values). A fast stand-in for composing again when only existing values change; a value
+    the schema refuses is a ConfigError, as it is for the scripts."""
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(dotlist)))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(omegaconf_error_line(exc)) from None
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moco.benchmark import MAIN_VARIANTS, OfficialStyleMoCo, Settings, compose, ratios
+from moco.tools.benchmark import MAIN_VARIANTS, OfficialStyleMoCo, Settings, compose, ratios
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 TINY = [

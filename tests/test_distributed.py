@@ -22,7 +22,7 @@ from torch import nn
 
 from moco import MoCo, distributed
 from moco.data import PretrainDataModule
-from moco.launch import launched_devices, launched_nodes, run_stamp
+from moco.run.launch import launched_devices, launched_nodes, run_stamp
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -262,7 +262,7 @@ def test_launcher_resolvers_read_torchrun_and_slurm(monkeypatch):
 def test_ddp_trainer_config_builds_ddp_without_per_step_buffer_broadcast():
     from pytorch_lightning.strategies import DDPStrategy
 
-    from moco.train import _trainer_args
+    from moco.run.train import _trainer_args
 
     strategy = _trainer_args(compose_config(["trainer=ddp"]))["strategy"]
     assert isinstance(strategy, DDPStrategy)

@@ -11,8 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from moco.errors import ConfigError
-from moco.eval.validate import validate_eval
-from moco.train import pretrain
+from moco.run.check import check_eval
+from moco.run.train import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = [
@@ -172,9 +172,9 @@ def test_user_mistake_is_one_line_exit_2_and_leaves_no_run_dir(tmp_path):
 def test_invalid_configs_are_refused_before_any_work(name, override, message):
     cfg = compose_cfg(name, ["checkpoint=raw", *DATA, override])
     with pytest.raises(ConfigError, match=message):
-        validate_eval(cfg)
+        check_eval(cfg)
 
 
 def test_missing_checkpoint_value_is_a_config_error():
     with pytest.raises(ConfigError, match="checkpoint is required"):
-        validate_eval(compose_cfg("knn", DATA))
+        check_eval(compose_cfg("knn", DATA))

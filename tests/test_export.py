@@ -16,7 +16,7 @@ from torch import nn
 
 from moco.encoders import build_backbone
 from moco.errors import ConfigError, DataError
-from moco.export import FORMATS, backbone_state_dict, export_backbone
+from moco.run.export import FORMATS, backbone_state_dict, export_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 # (image size, channels, backbone.stem): 8 px grey gets the small-image stem, 65 px RGB (just

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from moco.errors import ConfigError
-from moco.hardware import configure_malloc
+from moco.run.hardware import configure_malloc
 
 # Allocates and frees a 64 MB tensor eight times; prints the minor page faults of the last four,
 # the steady state of a training loop (measured: the first two, now and then a third, still fault
@@ -16,7 +16,7 @@ from moco.hardware import configure_malloc
 # every page again, 16384 per allocation; with no-mmap the freed heap memory is reused: 0.
 PROBE = """
 import resource, sys, torch
-from moco.hardware import configure_malloc
+from moco.run.hardware import configure_malloc
 print(configure_malloc(sys.argv[1]))
 def touch():
     x = torch.empty(16 * 2**20).fill_(1.0)  # 64 MB, every page written

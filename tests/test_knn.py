@@ -6,6 +6,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from conftest import compose_config
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -21,6 +22,7 @@ from moco.eval.features import (
 )
 from moco.eval.knn import knn_predict, knn_search, knn_sweep
 from moco.eval.monitor import KNNMonitor
+from moco.run.check import check_pretrain
 
 
 def brute_force_knn(bank, bank_labels, queries, num_classes, k, temperature):
@@ -298,9 +300,9 @@ def test_monitor_logs_knn_top1_equal_to_offline_knn(tmp_path):
         offline_top1(data, 20, 0.1, 40), abs=1e-4
     )
     assert KNNMonitor.from_config(OmegaConf.merge(cfg, {"enabled": False}), data) is None
-    for bad in ({"k": 0}, {"temperature": 0.0}, {"bank_size": 0}, {"layer": "neck"}):
-        with pytest.raises(ConfigError, match=f"eval.{next(iter(bad))}"):
-            KNNMonitor.from_config(OmegaConf.merge(cfg, bad), data)
+    for bad in ("k=0", "temperature=0.0", "bank_size=0", "layer=neck"):
+        with pytest.raises(ConfigError, match=f"eval.{bad.split('=')[0]}"):
+            check_pretrain(compose_config([f"eval.{bad}"]))
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR
 
 from moco.optim import SGD, AdaGrad, Adam, Momentum, Nesterov, RMSProp
-from moco.optim.demo_functions import bowl_1d, run_path, steps_to_reach, valley
+from moco.tools.optimizer_demo import bowl_1d, run_path, steps_to_reach, valley
 
 DT = torch.float64
 ATOL = 1e-12

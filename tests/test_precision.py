@@ -1,6 +1,6 @@
 """Training precision: bf16 autocast still trains, and fp32 training is the plain fp32 math.
 
-precision=auto picks bf16-mixed only on CPUs with bf16 matrix instructions (moco/hardware.py),
+precision=auto picks bf16-mixed only on CPUs with bf16 matrix instructions (moco/run/hardware.py),
 so these tests force each precision rather than trusting what this machine would pick.
 """
 

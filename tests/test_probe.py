@@ -9,8 +9,8 @@ import torch
 from omegaconf import OmegaConf
 
 from moco import MoCo
+from moco.encoders import EncoderSpec
 from moco.errors import ConfigError, DataError
-from moco.eval.checkpoint import load_encoder
 from moco.eval.probe import (
     BackboneChangedError,
     assert_unchanged,
@@ -20,6 +20,7 @@ from moco.eval.probe import (
     train_linear_probe,
     weights_snapshot,
 )
+from moco.eval.source import load_encoder
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 OPTIMIZERS = ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"]
@@ -32,6 +33,7 @@ def probe_conf():
 def optimizer_conf(name):
     """conf/optimizer/<name>.yaml with the probe's lr for it, as probe.yaml composes it."""
     cfg = OmegaConf.load(CONF / "optimizer" / f"{name}.yaml")
+    cfg.pop("defaults")  # Hydra's list (the schema to check it against), not an argument
     cfg.lr = probe_conf().lr_by_optimizer[name]
     return cfg
 
@@ -130,9 +132,7 @@ def test_frozen_check_fires_on_moved_batchnorm_statistics():
 
 # --------------------------------------------------------------------------- checkpoints
 DATA = OmegaConf.create({"name": "synthetic", "channels": 3, "image_size": 32})
-RANDOM = OmegaConf.create(
-    {"backbone": "resnet18", "head": "mlp", "dim": 8, "channels_last": False, "seed": 0}
-)
+RANDOM = EncoderSpec("resnet18", "auto", 3, 32, "mlp", 8)
 
 
 def moco_hparams():

@@ -87,7 +87,7 @@ def test_knn_per_minute_pairs_each_epochs_value_with_its_training_clock(tmp_path
 
 def test_the_runs_own_training_time_wins_over_the_commands_wall_time(tmp_path):
     """A resumed run's wall_seconds covers its last part only; the run's own count
-    (moco.training_clock) covers all of it, so the table prefers it when logged."""
+    (moco.run.training_clock) covers all of it, so the table prefers it when logged."""
     fake_results(tmp_path)
     run = tmp_path / "moco_v2"
     (run / "logs" / "metrics.csv").write_text(

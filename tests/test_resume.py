@@ -12,8 +12,8 @@ import pytest
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from moco.checkpointing import AtomicCheckpointIO, newest_checkpoint, resume_checkpoint
 from moco.errors import ConfigError, TrainingDiverged
+from moco.run.checkpointing import AtomicCheckpointIO, newest_checkpoint, resume_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 4

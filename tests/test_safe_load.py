@@ -13,8 +13,8 @@ import torchvision
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from moco.checkpoint import query_encoder, read_checkpoint, read_moco_checkpoint
 from moco.errors import ConfigError, DataError
-from moco.eval.checkpoint import query_encoder, read_checkpoint, read_moco_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_SCRIPTS = ("knn_eval", "linear_probe", "compare_optimizers")

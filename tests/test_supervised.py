@@ -1,22 +1,29 @@
 """The supervised reference (+experiment=supervised): a labelled baseline the eval scripts read."""
 
 import hydra
+import pytest
 import torch
+from conftest import TINY_OVERRIDES, compose_config
 
 from moco.batchnorm import SplitBatchNorm
-from moco.eval.checkpoint import query_encoder
+from moco.checkpoint import query_encoder
+from moco.errors import ConfigError
 from moco.supervised import SupervisedReference
 
 
 def _reference(tiny_cfg, *extra):
-    cfg = tiny_cfg("+experiment=supervised", *extra)
+    data_only = [o for o in TINY_OVERRIDES if o.startswith("data")]
+    cfg = compose_config([*data_only, "+experiment=supervised", *extra])
     return hydra.utils.instantiate(cfg.model), cfg
 
 
 def test_experiment_builds_the_reference_with_plain_batchnorm(tiny_cfg):
-    model, cfg = _reference(tiny_cfg)  # the tiny config asks MoCo for 2 BN splits
+    model, cfg = _reference(tiny_cfg)
     assert isinstance(model, SupervisedReference)
-    assert cfg.model.bn_splits == 2
+    # Its own model config: none of MoCo's keys, so none is validated or silently ignored.
+    assert not {"bn_splits", "queue_size", "temperature", "head", "dim"} & set(cfg.model)
+    with pytest.raises(ConfigError, match="model.bn_splits is not a key"):
+        compose_config(["+experiment=supervised", "model.bn_splits=2"])
     assert not any(isinstance(m, SplitBatchNorm) for m in model.modules())
     assert model.encoder_q.head.out_features == cfg.data.num_classes
 
@@ -24,10 +31,8 @@ def test_experiment_builds_the_reference_with_plain_batchnorm(tiny_cfg):
 def test_checkpoint_reads_back_as_the_same_encoder(tiny_cfg):
     model, cfg = _reference(tiny_cfg)
     model.eval()
-    checkpoint = {
-        "state_dict": model.state_dict(),
-        "hyper_parameters": dict(model.hparams),
-    }
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    model.on_save_checkpoint(checkpoint)  # adds the encoder spec, as Lightning calls it
     encoder = query_encoder(checkpoint, "in-memory").eval()
     images = torch.randn(4, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     with torch.no_grad():

@@ -1,8 +1,8 @@
-"""moco.training_clock: the training time of a run, across stops and resumes."""
+"""moco.run.training_clock: the training time of a run, across stops and resumes."""
 
 import time
 
-from moco.training_clock import TrainingClock
+from moco.run.training_clock import TrainingClock
 
 
 class _Module:

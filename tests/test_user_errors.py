@@ -1,6 +1,6 @@
 """User mistakes: one line naming the problem and its fix, exit code 2, no traceback, nothing left
 behind. End to end through scripts/pretrain.py (a subprocess per case: several seconds of imports
-each, so only one per kind of mistake), the rest in-process on validate_pretrain / load_dataset.
+each, so only one per kind of mistake), the rest in-process on check_pretrain / load_dataset.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from moco.config import validate_pretrain
 from moco.data import folder, load_dataset
 from moco.data.folder import FolderImages, TooManyUndecodableImages, UndecodableImageWarning
 from moco.errors import ConfigError, DataError
+from moco.run.check import check_pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough that any run which wrongly gets past the check ends quickly instead of training.
@@ -156,11 +156,11 @@ def test_user_mistake_is_one_line_exit_2_and_leaves_nothing(tmp_path, make_overr
         ("augment=v9", ["augment=v9 is unknown", "v1, v2"]),  # unknown option of a group
         ("foo=1", ["foo is not a key", "+foo"]),  # unknown key without + (+foo=1 adds it)
         ("model.temperature=[", ["cannot parse the override", "model.temperature=["]),
-        ("recipe=null", ["Config group override must be", "recipe=none"]),  # a group as null
+        ("augment=null", ["Config group override must be", "one of its options"]),  # group: null
     ],
 )
 def test_hydra_command_line_errors_are_one_line_too(tmp_path, override, fragments):
-    """Hydra rejects these itself, before our code runs; moco.cli.run_hydra_main turns its
+    """Hydra rejects these itself, before our code runs; moco.run.cli.run_hydra_main turns its
     several-line report into our one line, exit code 2, no run directory."""
     cwd = tmp_path / "cwd"
     assert_one_line_error(run_pretrain(cwd, override), cwd, *fragments)
@@ -196,7 +196,7 @@ def test_undecodable_image_is_skipped_with_a_warning_and_a_count(tmp_path):
     )
 
 
-# ------------------------------------------------------------- in-process: validate_pretrain
+# ------------------------------------------------------------- in-process: check_pretrain
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -214,12 +214,12 @@ def test_undecodable_image_is_skipped_with_a_warning_and_a_count(tmp_path):
 def test_wrong_types_and_broken_references_are_config_errors(default_with, override, message):
     """Before these checks a wrong type ended in a TypeError traceback (exit 1, run dir left)."""
     with pytest.raises(ConfigError) as info:
-        validate_pretrain(default_with(override))
+        check_pretrain(default_with(override))
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
 
 
 def test_null_max_epochs_is_still_a_valid_type(default_with):
-    validate_pretrain(default_with("trainer.max_epochs=null", "trainer.max_steps=10"))
+    check_pretrain(default_with("trainer.max_epochs=null", "trainer.max_steps=10"))
 
 
 # ------------------------------------------------------------------ in-process: image folders
@@ -386,7 +386,7 @@ def test_fashion_mnist_without_download_names_the_package_and_the_switch(
 
 
 def test_failed_start_removes_the_run_directory_and_parents_it_alone_needed(tmp_path, monkeypatch):
-    from moco.cli import _remove_if_only_hydra_files
+    from moco.run.cli import _remove_if_only_hydra_files
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "other").mkdir(parents=True)  # another data set's runs: kept

@@ -16,7 +16,7 @@ flip, normalisation. Two differences, both below the 8-bit resolution of the dat
   because every later step treats columns alike.
 
 The random parameters come from torch's global CPU generator, which checkpoints save and resume
-restores (moco.checkpointing.RandomStates). Under DDP every rank draws the parameters of the
+restores (moco.run.checkpointing.RandomStates). Under DDP every rank draws the parameters of the
 whole global batch, identically, and keeps its own slice: ranks never share augmentations, and a
 run on N processes draws what one process with the global batch would.
 """

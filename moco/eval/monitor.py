@@ -11,8 +11,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset, Subset
 
 from moco.distributed import broadcast_buffers
-from moco.errors import ConfigError
-from moco.eval.features import LAYERS, FrozenFeatures, eval_dataset, extract_features
+from moco.eval.features import FrozenFeatures, eval_dataset, extract_features
 from moco.eval.knn import knn_predict
 
 
@@ -46,27 +45,12 @@ class KNNMonitor(pl.Callback):
 
     @classmethod
     def from_config(cls, eval_cfg: DictConfig, data_cfg: DictConfig) -> "KNNMonitor | None":
-        """The monitor conf/eval/knn_monitor.yaml describes (checked), or None when disabled."""
+        """The monitor conf/eval/knn_monitor.yaml describes (its values checked with the rest of
+        the pretraining config, moco.run.check), or None when disabled."""
         if not eval_cfg.enabled:
             return None
-        c = eval_cfg
-        checks = [
-            (c.every_n_epochs >= 1, "eval.every_n_epochs must be >= 1"),
-            (c.k >= 1, "eval.k must be >= 1"),
-            (c.temperature > 0, "eval.temperature must be > 0"),
-            (c.batch_size >= 1, "eval.batch_size must be >= 1"),
-            (c.layer in LAYERS, f"eval.layer must be one of {list(LAYERS)}"),
-            (c.bank_size is None or c.bank_size >= 1, "eval.bank_size must be >= 1 or null (all)"),
-            (c.test_size is None or c.test_size >= 1, "eval.test_size must be >= 1 or null (all)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(
-                    f"{message} (conf/eval/knn_monitor.yaml; "
-                    "eval.enabled=false turns the monitor off)"
-                )
         keys = ("every_n_epochs", "k", "temperature", "bank_size", "test_size", "batch_size")
-        return cls(data_cfg, **{key: c[key] for key in keys}, layer=c.layer)
+        return cls(data_cfg, **{key: eval_cfg[key] for key in keys}, layer=str(eval_cfg.layer))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:

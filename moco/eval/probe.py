@@ -7,14 +7,12 @@ The training loop takes its batches from a function, so the same loop serves fea
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 
-import hydra
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 from tqdm import trange
 
-from moco.optim.schedules import lr_factor
+from moco.optim.scheduled import scheduled_optimizer
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # one epoch of (x: N x D, y: N)
 
@@ -93,19 +91,9 @@ def train_linear_probe(
     with torch.no_grad():  # the MoCo protocol's initialisation
         linear.weight.normal_(0.0, 0.01, generator=generator)
         linear.bias.zero_()
-    optimizer = hydra.utils.instantiate(optimizer_cfg, params=linear.parameters())
     total = epochs * steps_per_epoch
-    warmup = round(scheduler_cfg.get("warmup_epochs", 0) * steps_per_epoch)
-    schedule = LambdaLR(
-        optimizer,
-        lambda step: lr_factor(
-            step,
-            total,
-            scheduler_cfg.name,
-            warmup,
-            scheduler_cfg.get("milestones", ()),
-            scheduler_cfg.get("gamma", 0.1),
-        ),
+    optimizer, schedule = scheduled_optimizer(
+        linear.parameters(), optimizer_cfg, scheduler_cfg, total, steps_per_epoch
     )
     losses, step = torch.empty(total), 0
     for _ in trange(epochs, desc=desc, disable=desc is None, unit="epoch", leave=False):

@@ -12,7 +12,6 @@ from torch.utils.data import DataLoader
 
 from moco.data.augment import pretrain_transform
 from moco.data.datasets import load_dataset
-from moco.eval.checkpoint import EvalEncoder, load_encoder
 from moco.eval.features import (
     FrozenFeatures,
     cache_key,
@@ -31,7 +30,9 @@ from moco.eval.probe import (
     weights_snapshot,
 )
 from moco.eval.report import knn_table, plot_loss_curves, rows_table, write_csv, write_json
-from moco.eval.validate import check, optimizers, validate_eval
+from moco.eval.source import RANDOM, EvalEncoder, load_encoder, random_spec_for
+from moco.run.check import check_eval, optimizers, require
+from moco.run.experiments import experiment_encoder_spec
 
 
 # --------------------------------------------------------------------------------- features
@@ -56,7 +57,10 @@ def _device(name: str) -> torch.device:
 def prepare(cfg: DictConfig) -> Prepared:
     """Load the encoder, snapshot its weights, extract (or read cached) features of both splits."""
     f = cfg.features
-    loaded = load_encoder(cfg.checkpoint, cfg.data, f.random_init)
+    random_spec = None
+    if cfg.checkpoint == RANDOM:
+        random_spec = random_spec_for(experiment_encoder_spec(cfg.experiment), cfg.data)
+    loaded = load_encoder(cfg.checkpoint, cfg.data, random_spec, f.random_init.seed)
     data_cfg, device = loaded.data_cfg, _device(f.device)
     model = FrozenFeatures(loaded.encoder, f.layer).to(device).requires_grad_(False)
     snapshot = weights_snapshot(model)
@@ -74,7 +78,7 @@ def prepare(cfg: DictConfig) -> Prepared:
         key = cache_key(loaded.source, f.layer, data_cfg, split, f[f"{split}_limit"])
         out[split] = cached_features(f.cache_dir, key, extract)
         top = int(out[split][1].max())
-        check(
+        require(
             top < data_cfg.num_classes,
             f"labels go up to {top} but data.num_classes={data_cfg.num_classes}: "
             "set data.num_classes",
@@ -100,7 +104,7 @@ def _describe(cfg: DictConfig, prep: Prepared) -> dict:
 # ------------------------------------------------------------------------------------- kNN
 def run_knn(cfg: DictConfig, out_dir: Path) -> dict:
     """kNN top-1 over the (k, T) sweep; prints the table, writes knn.csv and knn.json."""
-    validate_eval(cfg)
+    check_eval(cfg)
     prep = prepare(cfg)
     ks, temps = sorted(cfg.knn.ks), sorted(cfg.knn.temperatures)
     start = time.perf_counter()
@@ -207,7 +211,7 @@ def _augmented_batches(cfg: DictConfig, prep: Prepared, normalise):
 
 def run_probe(cfg: DictConfig, out_dir: Path) -> dict:
     """One linear probe; prints and writes probe.json and losses.csv."""
-    validate_eval(cfg)
+    check_eval(cfg)
     [(name, optimizer_cfg)] = optimizers(cfg).items()
     prep = prepare(cfg)
     row, losses = _probe_one(cfg, prep, optimizer_cfg, name, cfg.probe.augment)
@@ -234,7 +238,7 @@ def run_probe(cfg: DictConfig, out_dir: Path) -> dict:
 
 def run_compare(cfg: DictConfig, out_dir: Path) -> dict:
     """The probe with every optimizer of ``cfg.optimizers`` on the same cached features."""
-    validate_eval(cfg)
+    check_eval(cfg)
     prep = prepare(cfg)
     rows, curves = [], {}
     for name, optimizer_cfg in optimizers(cfg).items():

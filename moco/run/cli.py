@@ -58,6 +58,9 @@ def run_hydra_main(main) -> None:
     exit code 2, like the project's. ``HYDRA_FULL_ERROR=1`` still shows the full traceback."""
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
+    from moco.run.schema import register
+
+    register()  # the schemas conf/ names in its defaults lists
     wants_traceback = bool(os.environ.get("HYDRA_FULL_ERROR"))
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises instead of printing many lines
     try:
@@ -65,36 +68,38 @@ def run_hydra_main(main) -> None:
     except (ConfigCompositionException, OverrideParseException) as exc:
         if wants_traceback:
             raise
-        print(f"error: {_hydra_error_line(exc)}", file=sys.stderr)
+        print(f"error: {hydra_error_line(exc)}", file=sys.stderr)
         sys.exit(2)
     except ValueError as exc:
-        # Hydra's defaults list rejects a group set to null (recipe=null) with a bare ValueError.
+        # Hydra's defaults list rejects a group set to null (augment=null) with a bare ValueError.
         if wants_traceback or not str(exc).startswith("Config group override must be"):
             raise
         print(
             f"error: {exc}: a config group takes one of its options on the command line "
-            "(recipe=none turns the data set's recipe off)",
+            "(python scripts/pretrain.py --info defaults lists them)",
             file=sys.stderr,
         )
         sys.exit(2)
 
 
-def _hydra_error_line(exc: Exception) -> str:
+def hydra_error_line(exc: Exception) -> str:
+    """Hydra's several-line report of a command-line mistake, as the project's one line."""
     from hydra.errors import MissingConfigException, OverrideParseException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    from moco.run.check import not_a_key, omegaconf_error_line
 
     text = str(exc)
     if isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file:
         group, _, name = exc.missing_cfg_file.rpartition("/")
         return f"{group}={name} is unknown: use one of {', '.join(exc.options)}"
-    if isinstance(exc.__cause__, (ConfigKeyError, ConfigAttributeError)) and text.startswith(
+    cause = exc.__cause__
+    if isinstance(cause, ConfigKeyError | ConfigAttributeError) and text.startswith(
         "Could not override '"
     ):
-        key = text.split("'")[1]
-        return (
-            f"{key} is not a key of the config: check its spelling (--cfg job prints the "
-            f"config), or add a new key with +{key}=..."
-        )
+        return not_a_key(text.split("'")[1])
+    if isinstance(cause, OmegaConfBaseException):  # a value the schema refused
+        return omegaconf_error_line(cause)
     if isinstance(exc, OverrideParseException):
         text = f"cannot parse the override {exc.override!r}: {exc.message}"
     return " ".join(line.strip() for line in text.splitlines() if line.strip())

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moco.checkpoint import query_encoder, read_moco_checkpoint, sha256
 from moco.errors import ConfigError, DataError
-from moco.eval.checkpoint import query_encoder, read_moco_checkpoint, sha256
 
 FORMATS = {"torchvision": ".pth", "safetensors": ".safetensors"}  # format -> file extension
 

@@ -22,8 +22,8 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from moco import distributed
+from moco.checkpoint import read_moco_checkpoint, state_dict_mismatch
 from moco.errors import ConfigError
-from moco.eval.checkpoint import read_moco_checkpoint, state_dict_mismatch
 
 RESUME_CHOICES = "auto (the newest checkpoint of this run directory), none, or a .ckpt path"
 

@@ -1,7 +1,8 @@
-"""The encoder to evaluate: a MoCo checkpoint read without executing pickled code, or a baseline.
+"""Reading checkpoints: the one module that training (resume), evaluation and export use.
 
-``checkpoint=raw`` evaluates the pixels themselves, ``checkpoint=random`` an untrained encoder
-(both go through the same feature and classifier code as a real checkpoint).
+A checkpoint's encoder is rebuilt from its encoder spec (``moco.encoders.EncoderSpec``, saved as
+``encoder_spec``; files written before it existed carry the same keys among their
+hyper-parameters) and filled with its ``encoder_q`` weights.
 
 Every script that reads a checkpoint goes through ``read_checkpoint``: ``torch.load`` with
 ``weights_only=True`` unpickles tensors and plain containers only, so a file whose pickle would
@@ -11,30 +12,17 @@ call a function (``__reduce__``) is refused before anything in it runs.
 import hashlib
 import pickle
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from moco.encoders import BACKBONES, Encoder, build_backbone, build_head
+from moco.encoders import BACKBONES, Encoder, EncoderSpec, build_backbone
 from moco.errors import ConfigError, DataError, MocoUserError
 
-RAW, RANDOM = "raw", "random"
 PREFIX = "encoder_q."  # the query encoder is the one trained by gradient (the key encoder lags it)
-# The hyper-parameters that fix the encoder's architecture, and the type each must have.
+# The encoder spec's keys a checkpoint must hold, and the type each must have.
 REQUIRED_HPARAMS = {"backbone": str, "in_channels": int, "image_size": int, "head": str, "dim": int}
 FROM_PRETRAIN = "use a checkpoint as scripts/pretrain.py wrote it"
-
-
-@dataclass
-class EvalEncoder:
-    """An encoder (None for raw pixels), the data config with its image geometry, and its origin."""
-
-    encoder: Encoder | None
-    data_cfg: DictConfig
-    source: str  # identifies the weights: "raw", "random:<settings>" or "sha256:<file digest>"
-    info: dict = field(default_factory=dict)  # what the reports show: path, epoch, global_step
 
 
 # ------------------------------------------------------------------------ reading the file
@@ -78,10 +66,15 @@ def read_checkpoint(path: Path, option: str = "checkpoint") -> dict:
     return checkpoint
 
 
+def _spec_values(checkpoint: dict):
+    spec = checkpoint.get("encoder_spec")
+    return spec if isinstance(spec, dict) else checkpoint.get("hyper_parameters")
+
+
 def read_moco_checkpoint(path: Path, option: str = "checkpoint") -> dict:
-    """``read_checkpoint`` plus the check that it holds a MoCo query encoder and its settings."""
+    """``read_checkpoint`` plus the check that it holds a query encoder and its encoder spec."""
     checkpoint = read_checkpoint(path, option)
-    hparams = checkpoint.get("hyper_parameters")
+    hparams = _spec_values(checkpoint)
     if (
         not isinstance(hparams, dict)
         or any(k not in hparams for k in REQUIRED_HPARAMS)
@@ -102,23 +95,22 @@ def read_moco_checkpoint(path: Path, option: str = "checkpoint") -> dict:
 
 
 # ---------------------------------------------------------------------- building the encoder
-def _stem(hp: dict) -> str:
-    """The backbone stem of a checkpoint; files from before backbone.stem existed used auto."""
-    return hp.get("stem", "auto")
+def encoder_spec(checkpoint: dict) -> EncoderSpec:
+    """The encoder spec of a checkpoint from ``read_moco_checkpoint``."""
+    return EncoderSpec.from_dict(_spec_values(checkpoint))
 
 
 def query_encoder(checkpoint: dict, path: Path) -> Encoder:
     """The query encoder that ``checkpoint`` (from ``read_moco_checkpoint``) describes, with its
     weights; a file whose weights belong to another architecture ends in one DataError line."""
-    hp = checkpoint["hyper_parameters"]
+    spec = encoder_spec(checkpoint)
+    hp = spec.to_dict()
     try:
         # Plain BatchNorm: SplitBatchNorm has the same parameters and buffers and, in eval mode,
         # computes the same thing.
-        net = build_backbone(hp["backbone"], hp["in_channels"], hp["image_size"], stem=_stem(hp))
-        head = build_head(hp["head"], net.feature_dim, hp["dim"])
+        encoder = spec.build()
     except MocoUserError as exc:  # e.g. a backbone this version of the code does not know
         raise DataError(f"{path}: {exc}") from None
-    encoder = Encoder(net, head, hp.get("channels_last", False))
     weights = {
         k[len(PREFIX) :]: v
         for k, v in checkpoint["state_dict"].items()
@@ -177,39 +169,11 @@ def _guess_backbone(weights: dict, hp: dict) -> str | None:
     for name in BACKBONES:
         with torch.device("meta"):  # names only: no memory, no initialisation cost
             keys = build_backbone(
-                name, hp["in_channels"], hp["image_size"], stem=_stem(hp)
+                name, hp["in_channels"], hp["image_size"], stem=hp["stem"]
             ).state_dict()
         if {f"backbone.{k}" for k in keys} == names:
             matches.append(name)
     return matches[0] if len(matches) == 1 else None
-
-
-# ------------------------------------------------------------------------ eval entry point
-def load_encoder(spec: str, data_cfg: DictConfig, random_init: DictConfig) -> EvalEncoder:
-    """``spec`` is ``raw``, ``random`` (built from ``random_init``) or the path of a checkpoint."""
-    if spec == RAW:
-        return EvalEncoder(None, data_cfg, RAW, {"checkpoint": RAW})
-    if spec == RANDOM:
-        return _random_encoder(data_cfg, random_init)
-    path = Path(str(spec)).expanduser()
-    if not path.is_file():  # the eval scripts also take the two baselines: say so
-        raise ConfigError(
-            f"checkpoint={path} does not exist: give a checkpoint written by "
-            "scripts/pretrain.py (runs/.../checkpoints/last.ckpt), or raw, or random"
-        )
-    return _checkpoint_encoder(path, data_cfg)
-
-
-def _random_encoder(data_cfg: DictConfig, cfg: DictConfig) -> EvalEncoder:
-    with torch.random.fork_rng():  # the seed fixes the weights without touching the caller's RNG
-        torch.manual_seed(cfg.seed)
-        net = build_backbone(
-            cfg.backbone, data_cfg.channels, data_cfg.image_size, stem=cfg.get("stem", "auto")
-        )
-        encoder = Encoder(net, build_head(cfg.head, net.feature_dim, cfg.dim), cfg.channels_last)
-    settings = OmegaConf.to_container(cfg, resolve=True)
-    source = f"random:{sorted(settings.items())}:{data_cfg.channels}x{data_cfg.image_size}"
-    return EvalEncoder(encoder, data_cfg, source, {"checkpoint": RANDOM, **settings})
 
 
 def sha256(path: Path) -> str:
@@ -219,25 +183,3 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _checkpoint_encoder(path: Path, data_cfg: DictConfig) -> EvalEncoder:
-    checkpoint = read_moco_checkpoint(path)
-    hp = checkpoint["hyper_parameters"]
-    if hp["in_channels"] != data_cfg.channels:
-        raise ConfigError(
-            f"{path} was pretrained on {hp['in_channels']}-channel images but data={data_cfg.name} "
-            f"has {data_cfg.channels}: evaluate on the data set it was pretrained on"
-        )
-    # Evaluate at the resolution the encoder was trained at (eval_transform resizes to it).
-    data_cfg = OmegaConf.merge(data_cfg, {"image_size": hp["image_size"]})
-    encoder = query_encoder(checkpoint, path)
-    info = {
-        "checkpoint": str(path),
-        "epoch": checkpoint.get("epoch"),
-        "global_step": checkpoint.get("global_step"),
-        "backbone": hp["backbone"],
-        "stem": _stem(hp),
-        "image_size": hp["image_size"],
-    }
-    return EvalEncoder(encoder, data_cfg, f"sha256:{sha256(path)}", info)

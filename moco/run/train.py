@@ -8,17 +8,17 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-from moco.checkpointing import (
+from moco.data import PretrainDataModule
+from moco.eval.monitor import KNNMonitor
+from moco.run.check import check_pretrain
+from moco.run.checkpointing import (
     AtomicCheckpointIO,
     RandomStates,
     carry_over_metrics,
     resume_checkpoint,
 )
-from moco.config import validate_pretrain
-from moco.data import PretrainDataModule
-from moco.eval.monitor import KNNMonitor
-from moco.hardware import configure_malloc, resolve_precision
-from moco.training_clock import TrainingClock
+from moco.run.hardware import configure_malloc, resolve_precision
+from moco.run.training_clock import TrainingClock
 
 
 def _loggers(run_dir: Path) -> list:
@@ -47,7 +47,10 @@ class SaveConfig(pl.Callback):
 
 def _trainer_args(cfg: DictConfig) -> dict:
     args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    args["precision"] = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    model = cfg.model
+    args["precision"] = resolve_precision(
+        cfg.trainer.precision, cfg.trainer.accelerator, model.stem, model.image_size
+    )
     if isinstance(args.get("strategy"), dict):  # e.g. DDPStrategy with options (trainer/ddp.yaml)
         args["strategy"] = hydra.utils.instantiate(args["strategy"])
     return args
@@ -58,7 +61,7 @@ def pretrain(cfg: DictConfig, run_dir: Path) -> Path | None:
 
     Returns the path of the last checkpoint on rank 0, None on the other ranks.
     """
-    validate_pretrain(cfg)
+    check_pretrain(cfg)
     configure_malloc(cfg.malloc)  # before the first big tensor, and before workers fork
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = PretrainDataModule(cfg.data, cfg.augment)

@@ -2,22 +2,29 @@
 
 import torch
 
+from moco.encoders import SMALL_IMAGE_MAX_SIZE, resolve_stem
 from moco.errors import ConfigError
 
 
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU has bf16 matrix instructions (AMX or AVX512-BF16).
 
-    Without them bf16 autocast is emulated: measured on an AVX2-only CPU, a ResNet-18 trained
-    about 18x *slower* in bf16 than in fp32, while on an AMX CPU it trains about 2.3x faster.
+    Without them bf16 autocast is emulated and far slower than fp32 (docs/speed.md).
     """
     cpu = torch.cpu
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
-def resolve_precision(precision: str | int, accelerator: str) -> str:
-    """``auto`` -> bf16-mixed where the hardware runs it fast, 16-mixed on older GPUs, else 32."""
+def resolve_precision(
+    precision: str | int, accelerator: str, stem: str = "auto", image_size: int = 224
+) -> str:
+    """``auto`` -> bf16-mixed where the hardware runs it fast, 16-mixed on older GPUs, else 32.
+
+    On a CPU, bf16 also needs convolutions big enough to pay for the casts around them: the
+    ImageNet stem on images of at most SMALL_IMAGE_MAX_SIZE px leaves maps of 16x16 and less,
+    where bf16 autocast ran slower than fp32 even with AMX (docs/speed.md).
+    """
     if str(precision) != "auto":
         return str(precision)
     uses_cuda = accelerator in ("gpu", "cuda") or (
@@ -26,7 +33,10 @@ def resolve_precision(precision: str | int, accelerator: str) -> str:
     if uses_cuda:
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     if accelerator in ("cpu", "auto"):
-        return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
+        tiny_maps = (
+            resolve_stem(stem, image_size) == "imagenet" and image_size <= SMALL_IMAGE_MAX_SIZE
+        )
+        return "bf16-mixed" if cpu_has_fast_bf16() and not tiny_maps else "32-true"
     return "32-true"
 
 

@@ -1,0 +1,231 @@
+"""The checks a composed config gets before any work starts, beyond what its schema enforces.
+
+Types, closed choices and unknown keys are the schema's job (moco/run/schema.py): OmegaConf
+refuses them while Hydra composes, and ``omegaconf_error_line`` turns its report into the
+project's one line. Here: references that do not resolve, required values left unset, ranges,
+and the rules that span several keys. Every failure is one ``ConfigError`` line.
+"""
+
+import dataclasses
+import typing
+from enum import Enum
+from types import UnionType
+from typing import Union
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
+
+from moco.errors import ConfigError
+from moco.model import queue_too_small
+
+PRECISIONS = (
+    *("auto", "32", "16", "bf16", "64"),
+    *("16-true", "32-true", "bf16-true", "64-true", "bf16-mixed", "16-mixed"),
+)
+MONITOR_HINT = "(conf/eval/knn_monitor.yaml; eval.enabled=false turns the monitor off)"
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def show(value) -> str:
+    """A value as written on the command line (null, true) or, for a string, quoted."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+# ---------------------------------------------------------------- what the schema refused
+def _field_type(exc: OmegaConfBaseException):
+    """The schema's type of the key ``exc`` is about, without Optional; None if unknown."""
+    owner, key = getattr(exc, "object_type", None), getattr(exc, "key", None)
+    if not (dataclasses.is_dataclass(owner) and isinstance(key, str)):
+        return None
+    kind = typing.get_type_hints(owner).get(key)
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return args[0] if len(args) == 1 and typing.get_origin(kind) in (Union, UnionType) else kind
+
+
+def omegaconf_error_line(exc: OmegaConfBaseException) -> str:
+    """OmegaConf's several-line report of a value the schema refused, as one line."""
+    key = getattr(exc, "full_key", None) or ""
+    value = getattr(exc, "value", None)
+    kind = _field_type(exc)
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        return f"{key}={value} is unknown: use one of {', '.join(m.value for m in kind)}"
+    must = {bool: "must be true or false", int: "must be a whole number", float: "must be a number"}
+    if kind in must:
+        return f"{key}={show(value)} {must[kind]}"
+    text = (getattr(exc, "msg", None) or str(exc)).strip().splitlines()[0]
+    return f"{key}: {text}" if key else text
+
+
+def not_a_key(key: str) -> str:
+    return (
+        f"{key} is not a key of the config: check its spelling (--cfg job prints the config); "
+        f"new keys (+{key}=...) are refused too, except where a config lists free names"
+    )
+
+
+def unknown_key(node: DictConfig, prefix: str = "") -> str | None:
+    """The first key that its node's schema does not have (Hydra's ``+key=value`` adds keys even
+    to typed nodes, so a misspelt ``+model.tempreature=0.1`` would otherwise be ignored)."""
+    schema = OmegaConf.get_type(node)
+    typed = dataclasses.is_dataclass(schema)
+    known = {f.name for f in dataclasses.fields(schema)} if typed else None
+    for key, child in node.items_ex(resolve=False):
+        if known is not None and key not in known:
+            return f"{prefix}{key}"
+        if isinstance(child, DictConfig):
+            found = unknown_key(child, f"{prefix}{key}.")
+            if found:
+                return found
+    return None
+
+
+def resolved(cfg: DictConfig) -> None:
+    """Resolve every ${...} reference once (a broken one is a user mistake too) and refuse
+    required values left at ???; and keys their schema does not have."""
+    extra = unknown_key(cfg)
+    if extra:
+        raise ConfigError(not_a_key(extra))
+    try:
+        missing = OmegaConf.missing_keys(cfg)
+        if not missing:
+            OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        if not isinstance(exc, InterpolationResolutionError):
+            raise ConfigError(omegaconf_error_line(exc)) from None
+        reason = str(exc).strip().splitlines()[0]
+        raise ConfigError(
+            f"{exc.full_key}: {reason}: fix or remove this ${{...}} reference"
+        ) from None
+    if missing:
+        key = sorted(missing)[0]
+        raise ConfigError(f"{key} is required: set it on the command line, e.g. {key}=...")
+
+
+# -------------------------------------------------------------------------- pretraining
+def check_pretrain(cfg: DictConfig) -> None:
+    """Raise ConfigError with one actionable line for the first invalid value found."""
+    resolved(cfg)
+    data, model, trainer = cfg.data, cfg.model, cfg.trainer
+    batched = cfg.augment.batched
+    require(
+        batched in ("auto", True, False),
+        f"augment.batched={show(batched)} is unknown: use auto, true or false",
+    )
+    require(data.batch_size >= 1, f"data.batch_size={data.batch_size} must be >= 1")
+    require(data.num_workers >= 0, f"data.num_workers={data.num_workers} must be >= 0")
+    require(cfg.optimizer.lr > 0, f"optimizer.lr={cfg.optimizer.lr} must be > 0")
+    require(
+        str(trainer.precision) in PRECISIONS,
+        f"trainer.precision={trainer.precision} is unknown: use one of {list(PRECISIONS)}",
+    )
+    require(
+        (trainer.max_epochs or -1) > 0 or (trainer.max_steps or -1) > 0,
+        "set trainer.max_epochs or trainer.max_steps to a positive number",
+    )
+    if "queue_size" in model:  # MoCo; the supervised reference has no MoCo keys to check
+        _check_moco(model, data, trainer)
+    if cfg.eval.enabled:
+        check_knn_monitor(cfg.eval)
+
+
+def _check_moco(model: DictConfig, data: DictConfig, trainer: DictConfig) -> None:
+    require(model.dim >= 1, f"model.dim={model.dim} must be >= 1")
+    require(
+        model.temperature > 0,
+        f"model.temperature={model.temperature} must be > 0 (papers: 0.07 or 0.2)",
+    )
+    require(
+        0 <= model.momentum < 1,
+        f"model.momentum={model.momentum} must be in [0, 1) (papers: 0.999; small data: 0.99)",
+    )
+    require(
+        model.bn_splits >= 1,
+        f"model.bn_splits={model.bn_splits} must be >= 1 (1 = plain BatchNorm)",
+    )
+    require(
+        data.batch_size % model.bn_splits == 0 and data.batch_size >= 2 * model.bn_splits,
+        f"data.batch_size={data.batch_size} must be a multiple of "
+        f"model.bn_splits={model.bn_splits} with at least 2 samples per split: change one of them",
+    )
+    # The processes the launcher asks for; MoCo.setup checks again with the world Lightning
+    # really started (devices=auto is only known then).
+    world = trainer.devices * trainer.num_nodes if isinstance(trainer.devices, int) else 1
+    problem = queue_too_small(model.queue_size, data.batch_size, world, model.symmetric)
+    require(problem is None, problem or "")
+
+
+def check_knn_monitor(c: DictConfig) -> None:
+    rules = [
+        (c.every_n_epochs >= 1, "eval.every_n_epochs must be >= 1"),
+        (c.k >= 1, "eval.k must be >= 1"),
+        (c.temperature > 0, "eval.temperature must be > 0"),
+        (c.batch_size >= 1, "eval.batch_size must be >= 1"),
+        (c.bank_size is None or c.bank_size >= 1, "eval.bank_size must be >= 1 or null (all)"),
+        (c.test_size is None or c.test_size >= 1, "eval.test_size must be >= 1 or null (all)"),
+    ]
+    for ok, message in rules:
+        require(ok, f"{message} {MONITOR_HINT}")
+
+
+# ------------------------------------------------------------------- offline evaluation
+def check_eval(cfg: DictConfig) -> None:
+    """knn.yaml, probe.yaml and compare.yaml: one line for the first invalid value."""
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise ConfigError(
+            "checkpoint is required: checkpoint=runs/.../checkpoints/last.ckpt, raw or random"
+        )
+    f = cfg.features
+    require(f.batch_size >= 1, f"features.batch_size={f.batch_size} must be >= 1")
+    for key in ("train_limit", "test_limit"):
+        require(
+            f[key] is None or f[key] >= 1,
+            f"features.{key}={f[key]} must be >= 1 or null (all images)",
+        )
+    if "knn" in cfg:
+        knn = cfg.knn
+        require(
+            len(knn.ks) > 0 and all(k >= 1 for k in knn.ks),
+            f"knn.ks={list(knn.ks)} must be integers >= 1",
+        )
+        require(
+            len(knn.temperatures) > 0 and all(t > 0 for t in knn.temperatures),
+            f"knn.temperatures={list(knn.temperatures)} must be > 0",
+        )
+        require(
+            knn.report.k in knn.ks and knn.report.temperature in knn.temperatures,
+            "knn.report.k and knn.report.temperature must be among knn.ks and knn.temperatures",
+        )
+    if "probe" in cfg:
+        p = cfg.probe
+        require(p.epochs >= 1, f"probe.epochs={p.epochs} must be >= 1")
+        require(p.batch_size >= 1, f"probe.batch_size={p.batch_size} must be >= 1")
+        for name, opt in optimizers(cfg).items():
+            try:
+                lr = opt.lr
+            except InterpolationResolutionError:
+                raise ConfigError(
+                    f"no probe learning rate for optimizer {name}: add it to probe.lr_by_optimizer "
+                    f"(conf/probe/default.yaml) or set optimizer.lr=..."
+                ) from None
+            require(lr > 0, f"the learning rate of optimizer {name} must be > 0, got {lr}")
+
+
+def optimizers(cfg: DictConfig) -> dict[str, DictConfig]:
+    """The optimizer configs: all of ``optimizers`` (compare) or ``optimizer`` (probe)."""
+    if "optimizers" in cfg:
+        require(
+            len(cfg.optimizers) > 0, "optimizers is empty: keep at least one optimizer to compare"
+        )
+        return dict(cfg.optimizers.items())
+    from hydra.core.hydra_config import HydraConfig
+
+    choice = (
+        HydraConfig.get().runtime.choices.get("optimizer") if HydraConfig.initialized() else None
+    )
+    return {choice or cfg.optimizer._target_.rsplit(".", 1)[-1].lower(): cfg.optimizer}

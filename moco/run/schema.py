@@ -1,0 +1,359 @@
+"""Typed schemas of the config groups in conf/: every key's type and, where the set is closed,
+its choices. OmegaConf enforces them while Hydra composes, so a wrong type, an unknown choice or a
+misspelt key is refused before any code runs. Values live in conf/*.yaml; the defaults here are
+only the fallbacks of optional keys, never a second copy of a YAML value.
+
+The closed sets come from the code that implements them (``STEMS``, ``SCHEDULES``, ...), so a new
+choice is added in one place. Rules that span several keys are in ``moco.run.check``.
+"""
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from moco.data.datasets import LOADERS
+from moco.encoders import BACKBONES, HEADS, STEMS
+from moco.eval.features import LAYERS
+from moco.eval.probe import NORMALISATIONS
+from moco.momentum import MOMENTUM_SCHEDULES
+from moco.optim.schedules import SCHEDULES
+from moco.run.hardware import MALLOC_MODES
+
+
+class Choice(str, Enum):
+    """A closed set of strings: compares equal to its value and prints as it."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _choices(name: str, values) -> type[Choice]:
+    # OmegaConf matches a YAML string to a member by name: each name is its value.
+    return Choice(name, {v: v for v in values})
+
+
+DataName = _choices("DataName", LOADERS)
+Backbone = _choices("Backbone", BACKBONES)
+Stem = _choices("Stem", STEMS)
+Head = _choices("Head", HEADS)
+Schedule = _choices("Schedule", SCHEDULES)
+MomentumSchedule = _choices("MomentumSchedule", MOMENTUM_SCHEDULES)
+Layer = _choices("Layer", LAYERS)
+Normalisation = _choices("Normalisation", NORMALISATIONS)
+Malloc = _choices("Malloc", MALLOC_MODES)
+
+
+# ------------------------------------------------------------------------------ data, views
+@dataclass
+class DataConfig:
+    name: DataName = MISSING
+    root: str | None = MISSING
+    download: bool = False
+    image_size: int = MISSING
+    channels: int = MISSING
+    num_classes: int = MISSING
+    mean: list[float] = MISSING
+    std: list[float] = MISSING
+    batch_size: int = MISSING
+    num_workers: int = MISSING
+
+
+@dataclass
+class FashionMnistDataConfig(DataConfig):
+    system_root: str | None = MISSING  # where the Debian package puts the files
+
+
+@dataclass
+class SyntheticDataConfig(DataConfig):
+    num_train: int = MISSING  # images per split, and the seed that draws them
+    num_test: int = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class ColorJitterConfig:
+    p: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+
+
+@dataclass
+class BlurConfig:
+    p: float = 0.0
+    sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    min_size: int = 64
+
+
+@dataclass
+class AugmentConfig:
+    name: str = "custom"
+    crop_scale: list[float] = MISSING
+    color_jitter: ColorJitterConfig = field(default_factory=ColorJitterConfig)
+    grayscale_p: float = 0.0
+    blur: BlurConfig = field(default_factory=BlurConfig)
+    flip_p: float = MISSING
+    batched: Any = "auto"  # auto, true or false (moco.run.check)
+
+
+@dataclass
+class BackboneConfig:
+    name: Backbone = MISSING
+    stem: Stem = MISSING
+
+
+# --------------------------------------------------------------------------------- models
+@dataclass
+class EncoderKeys:
+    """The encoder spec of every model config (moco.encoders.EncoderSpec); the YAML points them
+    at the backbone and data groups."""
+
+    backbone: Backbone = MISSING
+    stem: Stem = MISSING
+    in_channels: int = MISSING
+    image_size: int = MISSING
+    channels_last: bool = MISSING
+
+
+@dataclass
+class TrainingKeys:
+    """What every pretraining module needs to build its optimizer and LR schedule."""
+
+    batch_size: int = MISSING
+    lr_reference_batch: int = MISSING
+    optimizer: Any = MISSING
+    scheduler: Any = MISSING
+
+
+@dataclass
+class MocoModelConfig(TrainingKeys, EncoderKeys):
+    _target_: str = "moco.MoCo"
+    _recursive_: bool = False
+    head: Head = MISSING
+    dim: int = MISSING
+    queue_size: int = MISSING
+    momentum: float = MISSING
+    momentum_schedule: MomentumSchedule = MISSING
+    temperature: float = MISSING
+    bn_splits: int = MISSING
+    shuffle_bn: bool = MISSING
+    symmetric: bool = MISSING
+
+
+@dataclass
+class SupervisedModelConfig(TrainingKeys, EncoderKeys):
+    _target_: str = "moco.supervised.SupervisedReference"
+    _recursive_: bool = False
+    num_classes: int = MISSING
+
+
+# ------------------------------------------------------------------- optimizer, schedule
+@dataclass
+class OptimizerConfig:
+    _target_: str = MISSING
+    lr: float = MISSING
+    weight_decay: float = 0.0
+
+
+@dataclass
+class MomentumOptimizerConfig(OptimizerConfig):  # Momentum, Nesterov, torch.optim.SGD
+    momentum: float = MISSING
+
+
+@dataclass
+class AdaGradConfig(OptimizerConfig):
+    eps: float = MISSING
+
+
+@dataclass
+class RMSPropConfig(OptimizerConfig):
+    alpha: float = MISSING
+    eps: float = MISSING
+    eps_inside_sqrt: bool = False
+
+
+@dataclass
+class AdamConfig(OptimizerConfig):
+    betas: list[float] = MISSING
+    eps: float = MISSING
+
+
+@dataclass
+class SchedulerConfig:
+    name: Schedule = MISSING
+    warmup_epochs: float = MISSING
+
+
+@dataclass
+class StepSchedulerConfig(SchedulerConfig):
+    milestones: list[float] = MISSING  # fractions of training
+    gamma: float = MISSING
+
+
+# ----------------------------------------------------------------------- trainer, monitor
+@dataclass
+class TrainerConfig:
+    """Arguments of pytorch_lightning.Trainer (the ones the project sets)."""
+
+    accelerator: str = MISSING
+    devices: Any = MISSING  # a number, a list of device ids or auto
+    num_nodes: int = MISSING
+    precision: Any = MISSING  # auto or one of Lightning's names (moco.run.check)
+    max_epochs: int | None = MISSING
+    max_steps: int | None = MISSING
+    log_every_n_steps: int = MISSING
+    deterministic: bool = MISSING
+
+
+@dataclass
+class DdpTrainerConfig(TrainerConfig):
+    strategy: Any = MISSING  # a strategy object's config (moco.distributed.ddp_strategy)
+
+
+@dataclass
+class KnnMonitorConfig:
+    enabled: bool = MISSING
+    every_n_epochs: int = MISSING
+    k: int = MISSING
+    temperature: float = MISSING
+    bank_size: int | None = MISSING
+    test_size: int | None = MISSING
+    batch_size: int = MISSING
+    layer: Layer = MISSING
+
+
+@dataclass
+class PretrainConfig:
+    data: DataConfig = MISSING
+    augment: AugmentConfig = MISSING
+    backbone: BackboneConfig = MISSING
+    model: Any = MISSING  # MocoModelConfig or SupervisedModelConfig, typed by its group option
+    optimizer: Any = MISSING  # one of the optimizer schemas, typed by its group option
+    scheduler: SchedulerConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    eval: KnnMonitorConfig = MISSING
+    seed: int = MISSING
+    malloc: Malloc = MISSING
+    resume: str = MISSING
+
+
+# ------------------------------------------------------------------------ offline evaluation
+@dataclass
+class RandomInitConfig:
+    seed: int = 0
+
+
+@dataclass
+class FeaturesConfig:
+    layer: Layer = MISSING
+    batch_size: int = MISSING
+    device: str = MISSING
+    train_limit: int | None = MISSING
+    test_limit: int | None = MISSING
+    seed: int = MISSING
+    cache_dir: str | None = MISSING
+    progress: bool = MISSING
+    random_init: RandomInitConfig = field(default_factory=RandomInitConfig)
+
+
+@dataclass
+class ProbeConfig:
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    normalize: Normalisation = MISSING
+    augment: bool = MISSING
+    augmentation: AugmentConfig = MISSING
+    seed: int = MISSING
+    threads: int | None = MISSING
+    lr_by_optimizer: dict[str, float] = MISSING
+
+
+@dataclass
+class KnnReportConfig:
+    k: int = MISSING
+    temperature: float = MISSING
+
+
+@dataclass
+class KnnSweepConfig:
+    ks: list[int] = MISSING
+    temperatures: list[float] = MISSING
+    report: KnnReportConfig = MISSING
+
+
+@dataclass
+class EvalConfig:
+    """Common to knn.yaml, probe.yaml and compare.yaml."""
+
+    checkpoint: str = MISSING
+    experiment: str | None = None  # checkpoint=random: the pretraining experiment to build
+    data: DataConfig = MISSING
+    features: FeaturesConfig = MISSING
+
+
+@dataclass
+class KnnEvalConfig(EvalConfig):
+    knn: KnnSweepConfig = MISSING
+
+
+@dataclass
+class ProbeEvalConfig(EvalConfig):
+    probe: ProbeConfig = MISSING
+    optimizer: Any = MISSING
+    scheduler: SchedulerConfig = MISSING
+
+
+@dataclass
+class CompareEvalConfig(EvalConfig):
+    probe: ProbeConfig = MISSING
+    optimizers: dict[str, Any] = MISSING
+    scheduler: SchedulerConfig = MISSING
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = MISSING
+    format: str = MISSING
+    output: str | None = MISSING
+
+
+# Group schemas live in their own groups (schema/<group>), so they never show up among a group's
+# options; each YAML names its schema in its defaults list.
+SCHEMAS = {
+    "data_fashion_mnist": FashionMnistDataConfig,
+    "data_synthetic": SyntheticDataConfig,
+    "augment": AugmentConfig,
+    "backbone": BackboneConfig,
+    "model_moco": MocoModelConfig,
+    "model_supervised": SupervisedModelConfig,
+    "optimizer_plain": OptimizerConfig,
+    "optimizer_momentum": MomentumOptimizerConfig,
+    "optimizer_adagrad": AdaGradConfig,
+    "optimizer_rmsprop": RMSPropConfig,
+    "optimizer_adam": AdamConfig,
+    "scheduler_step": StepSchedulerConfig,
+    "trainer_ddp": DdpTrainerConfig,
+    "knn_monitor": KnnMonitorConfig,
+    "features": FeaturesConfig,
+    "probe": ProbeConfig,
+}
+TOP_LEVEL = {
+    "pretrain": PretrainConfig,
+    "knn": KnnEvalConfig,
+    "probe": ProbeEvalConfig,
+    "compare": CompareEvalConfig,
+    "export": ExportConfig,
+}
+
+
+def register() -> None:
+    """Put every schema into Hydra's ConfigStore (idempotent)."""
+    store = ConfigStore.instance()
+    for name, node in SCHEMAS.items():
+        store.store(group="schema", name=name, node=node)
+    for name, node in TOP_LEVEL.items():
+        store.store(group="schema", name=f"{name}_top", node=node)
