@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from moco.errors import ConfigError
 from moco.run.check import omegaconf_error_line
 from moco.run.cli import hydra_error_line
-from moco.run.schema import register
+from moco.run.config_store import register
 
 # The tensors here are tiny, so a second thread buys nothing, and on a shared 2-core machine two
 # threads per process oversubscribe the cores: a tiny MoCo step measured 10x slower with 2
@@ -29,6 +29,7 @@ if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
 CONF_DIR = (Path(__file__).resolve().parent.parent / "conf").resolve()
+register()  # the schemas conf/ names, for every test that composes a config (as the scripts do)
 
 # The smallest model that still exercises every piece: 8 px synthetic RGB images (small stem),
 # batch 8 split into 2 SplitBatchNorm groups, a 64-key queue of 16-dim embeddings.
@@ -46,7 +47,6 @@ TINY_OVERRIDES = (
 
 @functools.cache
 def _composed(overrides: tuple[str, ...], config_name: str) -> DictConfig:
-    register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         try:
             return hydra_compose(config_name=config_name, overrides=list(overrides))

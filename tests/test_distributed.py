@@ -118,10 +118,10 @@ class RecordingMoCo(MoCo):
     depends on its own image only and can be recomputed without the shuffle; it keeps each
     step's key images for that check."""
 
-    def _contrast(self, im_q, im_k, negatives):
+    def contrast(self, im_q, im_k, negatives):
         self.encoder_k.eval()  # Lightning sets each module's mode itself, so here, every step
         self.last_im_k = im_k
-        return super()._contrast(im_q, im_k, negatives)
+        return super().contrast(im_q, im_k, negatives)
 
 
 class QueueChecker(pl.Callback):

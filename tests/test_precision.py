@@ -91,7 +91,7 @@ def test_bf16_autocast_trains_like_fp32(tiny_moco):
         curves[dtype] = []
         for _ in range(30):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                loss, _, _ = model._contrast(data.a, data.b, negatives)
+                loss, _, _ = model.contrast(data.a, data.b, negatives)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -131,6 +131,7 @@ def _empty_fashion_mnist_root(tmp: Path) -> list[str]:
         (lambda tmp: ["data=synthetic", "model.momentum=-0.1"], ["model.momentum=-0.1", "[0, 1)"]),
         (lambda tmp: ["data=synthetic", "model.head=foo"], ["model.head=foo", "mlp"]),
         (lambda tmp: ["data.name=foo"], ["data.name=foo is unknown", "imagefolder"]),
+        (lambda tmp: ["+model.tempreature=0.1"], ["model.tempreature is not a key"]),
     ],
     ids=[
         "imagefolder-missing-root",
@@ -141,6 +142,7 @@ def _empty_fashion_mnist_root(tmp: Path) -> list[str]:
         "momentum-negative",
         "unknown-head",
         "unknown-data-name",
+        "misspelt-new-key",
     ],
 )
 def test_user_mistake_is_one_line_exit_2_and_leaves_nothing(tmp_path, make_overrides, fragments):

@@ -37,6 +37,19 @@ def show(value) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+def setting(key: str, value) -> str:
+    """``key=value`` as the user typed it on the command line when they did (a typed float turns
+    their 0 into 0.0), else as the config holds it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        for override in HydraConfig.get().overrides.task:
+            name, _, text = override.lstrip("+~").partition("=")
+            if name == key:
+                return f"{key}={text}"
+    return f"{key}={value}"
+
+
 # ---------------------------------------------------------------- what the schema refused
 def _field_type(exc: OmegaConfBaseException):
     """The schema's type of the key ``exc`` is about, without Optional; None if unknown."""
@@ -65,7 +78,7 @@ def omegaconf_error_line(exc: OmegaConfBaseException) -> str:
 def not_a_key(key: str) -> str:
     return (
         f"{key} is not a key of the config: check its spelling (--cfg job prints the config); "
-        f"new keys (+{key}=...) are refused too, except where a config lists free names"
+        f"new keys (+{key}=...) are refused too, except Trainer arguments (+trainer.<name>=...)"
     )
 
 
@@ -73,7 +86,7 @@ def unknown_key(node: DictConfig, prefix: str = "") -> str | None:
     """The first key that its node's schema does not have (Hydra's ``+key=value`` adds keys even
     to typed nodes, so a misspelt ``+model.tempreature=0.1`` would otherwise be ignored)."""
     schema = OmegaConf.get_type(node)
-    typed = dataclasses.is_dataclass(schema)
+    typed = dataclasses.is_dataclass(schema) and not getattr(schema, "accepts_new_keys", False)
     known = {f.name for f in dataclasses.fields(schema)} if typed else None
     for key, child in node.items_ex(resolve=False):
         if known is not None and key not in known:
@@ -117,9 +130,9 @@ def check_pretrain(cfg: DictConfig) -> None:
         batched in ("auto", True, False),
         f"augment.batched={show(batched)} is unknown: use auto, true or false",
     )
-    require(data.batch_size >= 1, f"data.batch_size={data.batch_size} must be >= 1")
-    require(data.num_workers >= 0, f"data.num_workers={data.num_workers} must be >= 0")
-    require(cfg.optimizer.lr > 0, f"optimizer.lr={cfg.optimizer.lr} must be > 0")
+    require(data.batch_size >= 1, f"{setting('data.batch_size', data.batch_size)} must be >= 1")
+    require(data.num_workers >= 0, f"{setting('data.num_workers', data.num_workers)} must be >= 0")
+    require(cfg.optimizer.lr > 0, f"{setting('optimizer.lr', cfg.optimizer.lr)} must be > 0")
     require(
         str(trainer.precision) in PRECISIONS,
         f"trainer.precision={trainer.precision} is unknown: use one of {list(PRECISIONS)}",
@@ -135,23 +148,25 @@ def check_pretrain(cfg: DictConfig) -> None:
 
 
 def _check_moco(model: DictConfig, data: DictConfig, trainer: DictConfig) -> None:
-    require(model.dim >= 1, f"model.dim={model.dim} must be >= 1")
+    require(model.dim >= 1, f"{setting('model.dim', model.dim)} must be >= 1")
     require(
         model.temperature > 0,
-        f"model.temperature={model.temperature} must be > 0 (papers: 0.07 or 0.2)",
+        f"{setting('model.temperature', model.temperature)} must be > 0 (papers: 0.07 or 0.2)",
     )
     require(
         0 <= model.momentum < 1,
-        f"model.momentum={model.momentum} must be in [0, 1) (papers: 0.999; small data: 0.99)",
+        f"{setting('model.momentum', model.momentum)} must be in [0, 1) "
+        "(papers: 0.999; small data: 0.99)",
     )
     require(
         model.bn_splits >= 1,
-        f"model.bn_splits={model.bn_splits} must be >= 1 (1 = plain BatchNorm)",
+        f"{setting('model.bn_splits', model.bn_splits)} must be >= 1 (1 = plain BatchNorm)",
     )
     require(
         data.batch_size % model.bn_splits == 0 and data.batch_size >= 2 * model.bn_splits,
-        f"data.batch_size={data.batch_size} must be a multiple of "
-        f"model.bn_splits={model.bn_splits} with at least 2 samples per split: change one of them",
+        f"{setting('data.batch_size', data.batch_size)} must be a multiple of "
+        f"{setting('model.bn_splits', model.bn_splits)} with at least 2 samples per split: "
+        "change one of them",
     )
     # The processes the launcher asks for; MoCo.setup checks again with the world Lightning
     # really started (devices=auto is only known then).

@@ -58,7 +58,7 @@ def run_hydra_main(main) -> None:
     exit code 2, like the project's. ``HYDRA_FULL_ERROR=1`` still shows the full traceback."""
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
-    from moco.run.schema import register
+    from moco.run.config_store import register
 
     register()  # the schemas conf/ names in its defaults lists
     wants_traceback = bool(os.environ.get("HYDRA_FULL_ERROR"))

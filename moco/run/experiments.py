@@ -11,7 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from moco.encoders import EncoderSpec
-from moco.run.schema import register
+from moco.run.config_store import register
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 

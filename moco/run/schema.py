@@ -9,15 +9,13 @@ choice is added in one place. Rules that span several keys are in ``moco.run.che
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from moco.data.datasets import LOADERS
 from moco.encoders import BACKBONES, HEADS, STEMS
 from moco.eval.features import LAYERS
-from moco.eval.probe import NORMALISATIONS
 from moco.momentum import MOMENTUM_SCHEDULES
 from moco.optim.schedules import SCHEDULES
 from moco.run.hardware import MALLOC_MODES
@@ -30,20 +28,19 @@ class Choice(str, Enum):
         return self.value
 
 
-def _choices(name: str, values) -> type[Choice]:
+def choices(name: str, values) -> type[Choice]:
     # OmegaConf matches a YAML string to a member by name: each name is its value.
     return Choice(name, {v: v for v in values})
 
 
-DataName = _choices("DataName", LOADERS)
-Backbone = _choices("Backbone", BACKBONES)
-Stem = _choices("Stem", STEMS)
-Head = _choices("Head", HEADS)
-Schedule = _choices("Schedule", SCHEDULES)
-MomentumSchedule = _choices("MomentumSchedule", MOMENTUM_SCHEDULES)
-Layer = _choices("Layer", LAYERS)
-Normalisation = _choices("Normalisation", NORMALISATIONS)
-Malloc = _choices("Malloc", MALLOC_MODES)
+DataName = choices("DataName", LOADERS)
+Backbone = choices("Backbone", BACKBONES)
+Stem = choices("Stem", STEMS)
+Head = choices("Head", HEADS)
+Schedule = choices("Schedule", SCHEDULES)
+MomentumSchedule = choices("MomentumSchedule", MOMENTUM_SCHEDULES)
+Layer = choices("Layer", LAYERS)
+Malloc = choices("Malloc", MALLOC_MODES)
 
 
 # ------------------------------------------------------------------------------ data, views
@@ -197,7 +194,10 @@ class StepSchedulerConfig(SchedulerConfig):
 # ----------------------------------------------------------------------- trainer, monitor
 @dataclass
 class TrainerConfig:
-    """Arguments of pytorch_lightning.Trainer (the ones the project sets)."""
+    """Arguments of pytorch_lightning.Trainer: the ones the project sets, and any other a user
+    adds (+trainer.gradient_clip_val=1.0): the Trainer itself checks those."""
+
+    accepts_new_keys: ClassVar[bool] = True
 
     accelerator: str = MISSING
     devices: Any = MISSING  # a number, a list of device ids or auto
@@ -241,93 +241,11 @@ class PretrainConfig:
     resume: str = MISSING
 
 
-# ------------------------------------------------------------------------ offline evaluation
-@dataclass
-class RandomInitConfig:
-    seed: int = 0
-
-
-@dataclass
-class FeaturesConfig:
-    layer: Layer = MISSING
-    batch_size: int = MISSING
-    device: str = MISSING
-    train_limit: int | None = MISSING
-    test_limit: int | None = MISSING
-    seed: int = MISSING
-    cache_dir: str | None = MISSING
-    progress: bool = MISSING
-    random_init: RandomInitConfig = field(default_factory=RandomInitConfig)
-
-
-@dataclass
-class ProbeConfig:
-    epochs: int = MISSING
-    batch_size: int = MISSING
-    normalize: Normalisation = MISSING
-    augment: bool = MISSING
-    augmentation: AugmentConfig = MISSING
-    seed: int = MISSING
-    threads: int | None = MISSING
-    lr_by_optimizer: dict[str, float] = MISSING
-
-
-@dataclass
-class KnnReportConfig:
-    k: int = MISSING
-    temperature: float = MISSING
-
-
-@dataclass
-class KnnSweepConfig:
-    ks: list[int] = MISSING
-    temperatures: list[float] = MISSING
-    report: KnnReportConfig = MISSING
-
-
-@dataclass
-class EvalConfig:
-    """Common to knn.yaml, probe.yaml and compare.yaml."""
-
-    checkpoint: str = MISSING
-    experiment: str | None = None  # checkpoint=random: the pretraining experiment to build
-    data: DataConfig = MISSING
-    features: FeaturesConfig = MISSING
-
-
-@dataclass
-class KnnEvalConfig(EvalConfig):
-    knn: KnnSweepConfig = MISSING
-
-
-@dataclass
-class ProbeEvalConfig(EvalConfig):
-    probe: ProbeConfig = MISSING
-    optimizer: Any = MISSING
-    scheduler: SchedulerConfig = MISSING
-
-
-@dataclass
-class CompareEvalConfig(EvalConfig):
-    probe: ProbeConfig = MISSING
-    optimizers: dict[str, Any] = MISSING
-    scheduler: SchedulerConfig = MISSING
-
-
-@dataclass
-class ExportConfig:
-    checkpoint: str = MISSING
-    format: str = MISSING
-    output: str | None = MISSING
-
-
-# Group schemas live in their own groups (schema/<group>), so they never show up among a group's
-# options; each YAML names its schema in its defaults list.
+# Schemas of group options that add keys to their group's common ones (the top-level schemas type
+# every group); the option's YAML names its schema. Stored by moco/run/config_store.py.
 SCHEMAS = {
     "data_fashion_mnist": FashionMnistDataConfig,
     "data_synthetic": SyntheticDataConfig,
-    "augment": AugmentConfig,
-    "backbone": BackboneConfig,
     "model_moco": MocoModelConfig,
     "model_supervised": SupervisedModelConfig,
     "optimizer_plain": OptimizerConfig,
@@ -337,23 +255,4 @@ SCHEMAS = {
     "optimizer_adam": AdamConfig,
     "scheduler_step": StepSchedulerConfig,
     "trainer_ddp": DdpTrainerConfig,
-    "knn_monitor": KnnMonitorConfig,
-    "features": FeaturesConfig,
-    "probe": ProbeConfig,
 }
-TOP_LEVEL = {
-    "pretrain": PretrainConfig,
-    "knn": KnnEvalConfig,
-    "probe": ProbeEvalConfig,
-    "compare": CompareEvalConfig,
-    "export": ExportConfig,
-}
-
-
-def register() -> None:
-    """Put every schema into Hydra's ConfigStore (idempotent)."""
-    store = ConfigStore.instance()
-    for name, node in SCHEMAS.items():
-        store.store(group="schema", name=name, node=node)
-    for name, node in TOP_LEVEL.items():
-        store.store(group="schema", name=f"{name}_top", node=node)

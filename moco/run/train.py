@@ -4,11 +4,13 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from moco.data import PretrainDataModule
+from moco.encoders import resolve_stem
 from moco.eval.monitor import KNNMonitor
 from moco.run.check import check_pretrain
 from moco.run.checkpointing import (
@@ -17,6 +19,7 @@ from moco.run.checkpointing import (
     carry_over_metrics,
     resume_checkpoint,
 )
+from moco.run.first_screen import RunFacts, RunSummary, quiet_lightning
 from moco.run.hardware import configure_malloc, resolve_precision
 from moco.run.training_clock import TrainingClock
 
@@ -56,6 +59,21 @@ def _trainer_args(cfg: DictConfig) -> dict:
     return args
 
 
+def _run_facts(cfg: DictConfig, run_dir: Path) -> RunFacts:
+    """What the run's first screen names, as plain values."""
+    runtime = HydraConfig.get().runtime if HydraConfig.initialized() else None
+    model = cfg.model
+    return RunFacts(
+        experiment=runtime.choices.get("experiment") if runtime else None,
+        data=str(cfg.data.name),
+        image_size=cfg.data.image_size,
+        backbone=str(model.backbone),
+        stem=resolve_stem(model.stem, model.image_size),
+        batch_size=cfg.data.batch_size,  # per process; the summary multiplies by the world size
+        run_dir=run_dir,
+    )
+
+
 def pretrain(cfg: DictConfig, run_dir: Path) -> Path | None:
     """Train MoCo as ``cfg`` says, writing logs and checkpoints into ``run_dir``.
 
@@ -81,12 +99,16 @@ def pretrain(cfg: DictConfig, run_dir: Path) -> Path | None:
         # counter, Lightning would write last-v1.ckpt beside the stale link instead.
         enable_version_counter=False,
     )
+    quiet_lightning()  # before the Trainer: its constructor logs the litlogger tip
+    summary = RunSummary(_run_facts(cfg, run_dir))
     trainer = pl.Trainer(
         **_trainer_args(cfg),
         default_root_dir=run_dir,
         logger=_loggers(run_dir),
         plugins=[AtomicCheckpointIO()],
         callbacks=[
+            # First, so the epoch-end time it measures includes the monitor and the checkpoint.
+            summary,
             RandomStates(),
             SaveConfig(cfg, run_dir / "config.yaml"),
             checkpoints,

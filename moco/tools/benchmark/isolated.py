@@ -13,12 +13,16 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from moco.tools.benchmark.measure import measure, measure_interleaved
 from moco.tools.benchmark.memory import process_peak_rss_mb
-from moco.tools.benchmark.settings import CONF_DIR, Settings
+from moco.tools.benchmark.settings import Settings
 
 RESULT_TAG = "BENCHMARK_RESULT "
+# The child runs from the checkout this package is in, so that ``-m`` finds this checkout's
+# ``moco`` even when another one is installed, as the parent found it.
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def measure_isolated(variant: str | list[str], settings: Settings) -> dict:
@@ -33,7 +37,7 @@ def measure_isolated(variant: str | list[str], settings: Settings) -> dict:
         capture_output=True,
         text=True,
         env=env,
-        cwd=CONF_DIR.parent,
+        cwd=REPO_ROOT,
     )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):

@@ -1,12 +1,11 @@
 """One benchmark case (:class:`Settings`), the variant names, and the project's config composed
-for a case: the benchmark builds its model, optimizer and data from the same ``conf/pretrain.yaml``
+for a case: the benchmark builds its model, optimizer and data from the same conf/pretrain.yaml
 that pretraining uses, so it measures what a user would train, not a copy that can drift."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -14,7 +13,6 @@ import torch
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 MAIN_VARIANTS = ("floor", "moco", "official", "loop")
 EXTRA_VARIANTS = ("moco_noclone", "moco_compiled", "floor_nchw", "levers")
 _LOOP = re.compile(r"^loop(?:_w(\d+))?$")
@@ -74,21 +72,22 @@ def loop_workers(name: str) -> int | None:
 
 
 def compose(settings: Settings, num_workers: int | None = None) -> DictConfig:
-    """The ``pretrain`` config (+experiment=moco_v2) for ``settings``, validated."""
+    """The ``pretrain`` config for ``settings``, composed as scripts/pretrain.py composes it, and
+    validated by the same checks.
+
+    No experiment: conf/pretrain.yaml's group defaults are MoCo v2 with the paper's values, while
+    the experiments add a data set's tuned recipe (stem, crops, batch) that would change what
+    is measured behind the benchmark's own settings.
+    """
     # Imported here, not at the top: scripts/benchmark.py imports this package before it parses
     # its arguments, and --help or a wrong argument should not wait for Hydra and Lightning.
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    import moco  # noqa: F401  (registers the resolvers conf/ uses)
     from moco.run.check import check_pretrain
+    from moco.run.experiments import pretrain_config
 
     s = settings
     overrides = [
-        "+experiment=moco_v2",
         f"data={s.data}",
         f"backbone={s.backbone}",
-        "recipe=none",  # the benchmark's own settings, not a data set's tuned ones
         f"backbone.stem={s.stem}",
         f"data.batch_size={s.batch}",
         f"model.queue_size={s.queue_size}",
@@ -105,7 +104,6 @@ def compose(settings: Settings, num_workers: int | None = None) -> DictConfig:
         "data.num_workers": num_workers,
     }
     overrides += [f"{key}={value}" for key, value in optional.items() if value is not None]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name="pretrain", overrides=[*overrides, *s.overrides])
+    cfg = pretrain_config([*overrides, *s.overrides])
     check_pretrain(cfg)
     return cfg
