@@ -6,10 +6,10 @@ Four measurements on the same backbone, image size, batch and precision:
               backward + optimizer step, key forward; no queue, no momentum, no shuffle.
 ``moco``      our LightningModule's real ``training_step`` on the same tensors, outside the
               Trainer, plus backward and optimizer step: only MoCo's own work differs from 1.
-``official``  a plain-PyTorch MoCo step in fp32 and NCHW, written here the way the official
-              implementation (facebookresearch/moco) does it: momentum update in a Python loop
-              over parameters, a clone of the queue for the negatives, einsum + concat logits,
-              enqueue at a pointer. The baseline a user would otherwise run.
+``official``  a plain-PyTorch MoCo step in fp32 and NCHW, written (``official.py``) the way the
+              official implementation (facebookresearch/moco) does it: momentum update in a
+              Python loop over parameters, a clone of the queue for the negatives, einsum +
+              concat logits, enqueue at a pointer. The baseline a user would otherwise run.
 ``loop``      the full pretraining loop: Lightning's Trainer, the project's data module with two
               augmented views and ``data.num_workers`` workers (``loop_w<n>``: n workers).
 
