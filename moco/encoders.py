@@ -15,7 +15,7 @@ HEADS = ("linear", "mlp")
 # The layers before the first residual block:
 # - small: 3x3 stride-1 conv, no max-pool (the MoCo CIFAR demo): full resolution in layer1;
 # - small_pool: the same conv, then torchvision's 3x3 stride-2 max-pool: layer1 runs at half the
-#   side, so the blocks cost about 4x less (a Fashion-MNIST step ran 2.9x faster on a 2-core CPU);
+#   side, so the blocks cost about 4x less (docs/speed.md);
 # - imagenet: torchvision's 7x7 stride-2 conv and max-pool, a 4x downsampling;
 # - auto: small up to SMALL_IMAGE_MAX_SIZE px, imagenet above. Inputs this small lose too much
 #   resolution to the ImageNet stem.
@@ -69,8 +69,8 @@ class Encoder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
-        # NHWC lets oneDNN/cuDNN pick faster convolution kernels (tensor cores want it on GPUs);
-        # on a 2-core AVX2 CPU it gained little, 1.03x at batch 256 (README "Speed").
+        # NHWC lets oneDNN/cuDNN pick faster convolution kernels (tensor cores want it on GPUs;
+        # what it gains on CPUs: docs/speed.md).
         self.channels_last = channels_last
         if channels_last:
             self.to(memory_format=torch.channels_last)

@@ -18,8 +18,8 @@ def info_nce(
         # Gradients reach only the queries: keys and negatives are targets, never trained.
         q, k, negatives = q.float(), k.detach().float(), negatives.detach().float()
         # 1/T is applied to the N x C queries, not to the N x (1+K) logits: with K=65536 that
-        # saves a pass over a 64 MB tensor forward and backward, measured 1.2x faster loss
-        # (scripts/benchmark.py --variants levers).
+        # saves a pass over a 64 MB tensor forward and backward (docs/speed.md;
+        # scripts/benchmark.py --variants levers).
         q = q / temperature
         pos = (q * k).sum(dim=1, keepdim=True)  # N x 1
         neg = q @ negatives.T  # N x K

@@ -60,7 +60,7 @@ main() {  # in a function, so bash parses the whole script before running it: an
     fi
 
     evaluate raw raw
-    evaluate random random experiment=moco_v2  # the encoder MoCo v2 pretrains, untrained
+    evaluate random random random_from=moco_v2  # the encoder MoCo v2 pretrains, untrained
     for name in moco_v2 moco_v1 moco_v2_long supervised; do
         if [[ -f $OUT/$name/checkpoints/last.ckpt ]]; then
             evaluate "$name" "$OUT/$name/checkpoints/last.ckpt"

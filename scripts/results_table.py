@@ -1,4 +1,4 @@
-"""The README's Results table and kNN-per-epoch figure from a results directory.
+"""The Results table and kNN-per-epoch figure from a results directory.
 
     python scripts/results_table.py runs/results [--figure docs/figures/knn_per_epoch.png]
 

@@ -176,3 +176,29 @@ def test_invalid_configs_are_refused_before_any_work(name, override, message):
 def test_missing_checkpoint_value_is_a_config_error():
     with pytest.raises(ConfigError, match="checkpoint is required"):
         check_eval(compose_cfg("knn", DATA))
+
+
+def test_random_baseline_is_the_encoder_of_the_named_experiment(tmp_path):
+    """checkpoint=random random_from=moco_v2: the architecture that experiment pretrains (its
+    ImageNet stem, from the Fashion-MNIST recipe), untrained, at the evaluation's geometry."""
+    out, proc = run(
+        "knn_eval",
+        tmp_path,
+        "checkpoint=random",
+        "random_from=moco_v2",
+        *DATA,
+        "knn.ks=[10]",
+        "knn.temperatures=[0.1]",
+        "knn.report.k=10",
+        "features.cache_dir=null",
+    )
+    summary = json.loads((out / "knn.json").read_text())
+    assert (summary["checkpoint"], summary["stem"], summary["head"]) == (
+        "random",
+        "imagenet",
+        "mlp",
+    )
+    assert (summary["in_channels"], summary["image_size"], summary["feature_dim"]) == (3, 16, 512)
+    default = run("knn_eval", tmp_path / "default", "checkpoint=random", *DATA, "knn.ks=[10]",
+                  "knn.temperatures=[0.1]", "knn.report.k=10", "features.cache_dir=null")  # fmt: skip
+    assert json.loads((default[0] / "knn.json").read_text())["stem"] == "small"  # auto at 16 px

@@ -1,10 +1,8 @@
 """The augmentation recipes of moco/data/augment.py, applied to a whole batch at once.
 
 torchvision's transforms work one image at a time, in the loader workers. On 28-px images that is
-almost all Python overhead: two views of a batch of 256 cost about 0.24 CPU-s (0.02 here), while
-a step of a ResNet-18 with the ImageNet stem takes about 0.9 s on two cores, so the loader worker
-took CPU time from the model: the full loop ran at 0.71 of the compute floor, 0.86 with this.
-Here every random choice is still drawn per image, from the distributions torchvision draws
+almost all Python overhead, and on a CPU the loader worker takes its time from the model
+(docs/speed.md compares the two). Here every random choice is still drawn per image, from the distributions torchvision draws
 from, but each operation runs once for the batch as tensor arithmetic, on the device that trains.
 
 Same operations, order and parameters as the per-image pipeline: random resized crop, colour

@@ -1,4 +1,4 @@
-"""The README's Results table and kNN-per-epoch figure, from the outputs of reproduce_results.sh.
+"""The Results table and kNN-per-epoch figure, from the outputs of reproduce_results.sh.
 
 Layout of a results directory (what scripts/reproduce_results.sh writes):
 - ``<run>/``: a pretraining run (``logs/metrics.csv``, ``checkpoints/``), with ``wall_seconds``

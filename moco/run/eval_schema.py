@@ -60,7 +60,9 @@ class EvalConfig:
     """Common to knn.yaml, probe.yaml and compare.yaml."""
 
     checkpoint: str = MISSING
-    experiment: str | None = None  # checkpoint=random: the pretraining experiment to build
+    # checkpoint=random: the experiment whose encoder to build (a key named experiment would be
+    # taken by Hydra for the experiment group of conf/)
+    random_from: str | None = MISSING
     data: DataConfig = MISSING
     features: FeaturesConfig = MISSING
 

@@ -59,7 +59,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     f = cfg.features
     random_spec = None
     if cfg.checkpoint == RANDOM:
-        random_spec = random_spec_for(experiment_encoder_spec(cfg.experiment), cfg.data)
+        random_spec = random_spec_for(experiment_encoder_spec(cfg.random_from), cfg.data)
     loaded = load_encoder(cfg.checkpoint, cfg.data, random_spec, f.random_init.seed)
     data_cfg, device = loaded.data_cfg, _device(f.device)
     model = FrozenFeatures(loaded.encoder, f.layer).to(device).requires_grad_(False)

@@ -48,9 +48,8 @@ def configure_malloc(mode: str) -> bool:
 
     By default glibc maps each allocation above 32 MB afresh (mmap) and unmaps it when freed, so
     every such tensor of every CPU training step (a ResNet-18 activation at batch 256 and 28 px is
-    51 MB, the N x (1+K) logits 64 MB) pays page faults and zeroing again: measured 2 s of system
-    time per step, and 1.24x faster MoCo steps without it (scripts/benchmark.py --malloc), for
-    300-600 MB more resident memory. Same as starting Python with MALLOC_MMAP_MAX_=0
+    51 MB, the N x (1+K) logits 64 MB) pays page faults and zeroing again, for a few hundred MB
+    more resident memory (docs/speed.md, scripts/benchmark.py --malloc). Same as starting Python with MALLOC_MMAP_MAX_=0
     MALLOC_TRIM_THRESHOLD_=2147483647; data-loader workers forked later inherit it.
 
     Returns whether the setting took effect: False on ``default`` and where there is no glibc
