@@ -45,7 +45,7 @@ probe: install data
 compare: install data
 	$(PY) scripts/compare_optimizers.py checkpoint=$(CHECKPOINT) $(ARGS)
 
-# The README's Results table and figures (about 2.3 hours on a 2-core AMX CPU; re-running continues).
+# The README's Results table and figures (hours on a CPU: docs/results.md; re-running continues).
 results: install data
 	PY=$(PY) scripts/reproduce_results.sh
 

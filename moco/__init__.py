@@ -1,11 +1,5 @@
 """moco: Momentum Contrast self-supervised learning with PyTorch Lightning and Hydra."""
 
-from moco.run.launch import register_resolvers
-
-# conf/ refers to the launcher's numbers (${moco.run_stamp:} and friends); any import of the
-# package makes them resolvable, before Hydra composes a config.
-register_resolvers()
-
 __all__ = ["MoCo"]
 
 

@@ -12,9 +12,9 @@ Loading it without this package (see <export>.json for the stem of small or grey
 """
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from moco.errors import ConfigError
+from moco.run.check import check_export
 from moco.run.cli import exit_on_user_error, run_hydra_main
 from moco.run.export import export_backbone, metadata_path
 
@@ -22,8 +22,7 @@ from moco.run.export import export_backbone, metadata_path
 @hydra.main(config_path="../conf", config_name="export", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    if OmegaConf.is_missing(cfg, "checkpoint"):
-        raise ConfigError("checkpoint is required: checkpoint=runs/.../checkpoints/last.ckpt")
+    check_export(cfg)
     path, meta = export_backbone(str(cfg.checkpoint), cfg.format, cfg.output)
     print(f"Exported the {meta['architecture']} query backbone ({cfg.format}) to {path}")
     print(f"Stem and provenance: {metadata_path(path)}")

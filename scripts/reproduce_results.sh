@@ -3,7 +3,7 @@
 # experiments (conf/experiment/, with conf/recipe/fashion_mnist.yaml), then kNN and the linear probe (six optimizers) for
 # them and for the raw-pixel and random-init baselines, then the table and the figures.
 #
-#   scripts/reproduce_results.sh                      # about 1.7 hours on a 2-core CPU
+#   scripts/reproduce_results.sh                      # hours on a CPU (docs/results.md)
 #   LONG_EPOCHS=20 scripts/reproduce_results.sh       # also a longer MoCo v2 run
 #   OUT=runs/results2 scripts/reproduce_results.sh    # elsewhere (default runs/results)
 #   METHODS=moco_v2 scripts/reproduce_results.sh      # pretrain only these (default v2 and v1)

@@ -116,7 +116,7 @@ def test_crop_boxes_fall_back_to_the_centred_image_when_no_try_fits():
 
 def _grey_cfg(compose, *extra):
     grey = ["data=synthetic", "data.image_size=16", "data.channels=1"]
-    cfg = compose(["+experiment=moco_v2", *grey])
+    cfg = compose(grey)
     return with_values(cfg, "data.mean=[0.5]", "data.std=[0.25]", *extra)
 
 
@@ -159,7 +159,7 @@ def test_batched_views_match_the_per_image_pipeline_in_distribution(compose):
 
 
 def test_views_are_normalised_float_seeded_by_torch_and_differ(compose):
-    cfg = compose(["+experiment=moco_v2", "data=synthetic", "data.image_size=16"])
+    cfg = compose(["data=synthetic", "data.image_size=16"])
     aug = BatchAugment(cfg.augment, cfg.data)
     images = (torch.rand(8, 3, 16, 16) * 255).to(torch.uint8)
     torch.manual_seed(3)
@@ -173,7 +173,7 @@ def test_views_are_normalised_float_seeded_by_torch_and_differ(compose):
 
 
 def test_each_rank_takes_its_slice_of_the_global_batchs_parameters(compose):
-    cfg = compose(["+experiment=moco_v2", "data=synthetic", "data.image_size=16"])
+    cfg = compose(["data=synthetic", "data.image_size=16"])
     aug = BatchAugment(cfg.augment, cfg.data)
     first, second = (torch.rand(2, 4, 3, 16, 16) * 255).to(torch.uint8)
     torch.manual_seed(5)
@@ -215,7 +215,7 @@ def test_batched_true_on_images_of_another_size_is_a_config_error(tiny_cfg):
 
 
 def test_normalisation_of_the_wrong_length_is_the_same_config_error_as_per_image(compose):
-    cfg = compose(["+experiment=moco_v2", "data=synthetic", "data.image_size=16"])
+    cfg = compose(["data=synthetic", "data.image_size=16"])
     wrong = with_values(cfg, "data.mean=[0.5,0.5]")  # 3 channels
     for build in (BatchAugment, pretrain_transform):
         with pytest.raises(ConfigError, match="data.mean and data.std need 3 values"):
@@ -225,7 +225,7 @@ def test_normalisation_of_the_wrong_length_is_the_same_config_error_as_per_image
 @pytest.mark.parametrize("channels", [1, 3], ids=["grey", "rgb"])
 def test_both_pipelines_apply_the_same_colour_operations(compose, channels):
     # Saturation, hue and grayscale act on RGB images only; both ways of making views must agree.
-    cfg = compose(["+experiment=moco_v2", "data=synthetic", f"data.channels={channels}"])
+    cfg = compose(["data=synthetic", f"data.channels={channels}"])
     cfg = with_values(cfg, f"data.mean={[0.5] * channels}", f"data.std={[0.25] * channels}")
     batched = BatchAugment(cfg.augment, cfg.data)
     per_image = list(pretrain_transform(cfg.augment, cfg.data).transforms)

@@ -331,3 +331,10 @@ def test_auto_precision_of_the_fashion_mnist_recipe_is_fp32_on_every_cpu(
 
 def test_pretraining_sets_the_allocator(compose):
     assert compose().malloc == "no-mmap"
+
+
+def test_a_tuned_experiment_on_another_data_set_is_refused(compose):
+    """The recipe's values were tuned for Fashion-MNIST: on CIFAR-10 they would apply silently."""
+    with pytest.raises(ConfigError, match="tuned for data=fashion_mnist.*not data=cifar10"):
+        check_pretrain(compose(["+experiment=moco_v2", "data=cifar10"]))
+    check_pretrain(compose(["data=cifar10"]))  # the untuned group defaults run anywhere

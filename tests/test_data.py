@@ -293,7 +293,7 @@ def test_grey_28px_v2_has_no_blur_and_no_colour_ops(compose):
 
 
 def test_rgb_96px_v2_has_blur_grayscale_and_jitter_with_hue(compose):
-    cfg = compose(["+experiment=moco_v2", "data=stl10"])
+    cfg = compose(["data=stl10"])
     assert cfg.data.channels == 3 and cfg.data.image_size == 96
     ops = flat_ops(pretrain_transform(cfg.augment, cfg.data))
     blur = find(ops, v2.GaussianBlur)
@@ -309,7 +309,7 @@ def test_rgb_96px_v2_has_blur_grayscale_and_jitter_with_hue(compose):
 
 
 def test_two_views_are_different_float_crops_of_the_same_image(compose):
-    cfg = compose(["+experiment=moco_v2", "data=synthetic", "data.image_size=16"])
+    cfg = compose(["data=synthetic", "data.image_size=16"])
     images, _ = make_synthetic(2, 16, 3, 2, seed=0)
     views = TwoViews(pretrain_transform(cfg.augment, cfg.data))
     torch.manual_seed(0)
@@ -344,7 +344,7 @@ def test_pretrain_datamodule_yields_pairs_of_views_with_drop_last(tiny_cfg):
 
 def test_augmentation_without_jitter_needs_no_jitter_strengths(compose):
     # The linear probe's augmentation (conf/probe/) says only color_jitter: {p: 0}.
-    cfg = compose(["+experiment=moco_v2", "data=stl10"])
+    cfg = compose(["data=stl10"])
     plain = OmegaConf.create(
         {
             "crop_scale": [0.08, 1.0],

@@ -199,6 +199,6 @@ def test_random_baseline_is_the_encoder_of_the_named_experiment(tmp_path):
         "mlp",
     )
     assert (summary["in_channels"], summary["image_size"], summary["feature_dim"]) == (3, 16, 512)
-    default = run("knn_eval", tmp_path / "default", "checkpoint=random", *DATA, "knn.ks=[10]",
-                  "knn.temperatures=[0.1]", "knn.report.k=10", "features.cache_dir=null")  # fmt: skip
+    one_k = ["knn.ks=[10]", "knn.temperatures=[0.1]", "knn.report.k=10", "features.cache_dir=null"]
+    default = run("knn_eval", tmp_path / "default", "checkpoint=random", *DATA, *one_k)
     assert json.loads((default[0] / "knn.json").read_text())["stem"] == "small"  # auto at 16 px

@@ -2,8 +2,9 @@
 
 torchvision's transforms work one image at a time, in the loader workers. On 28-px images that is
 almost all Python overhead, and on a CPU the loader worker takes its time from the model
-(docs/speed.md compares the two). Here every random choice is still drawn per image, from the distributions torchvision draws
-from, but each operation runs once for the batch as tensor arithmetic, on the device that trains.
+(docs/speed.md compares the two). Here every random choice is still drawn per image, from the
+distributions torchvision draws from, but each operation runs once for the batch as tensor
+arithmetic, on the device that trains.
 
 Same operations, order and parameters as the per-image pipeline: random resized crop, colour
 jitter (its four parts in a random order per image), random grayscale, Gaussian blur, horizontal

@@ -37,8 +37,8 @@ def _min_blas_rows(dim: int) -> int:
     """Fewest queries for which faiss scores a search call with one BLAS matrix product.
 
     Below its threshold (``nq < 20`` up to faiss 1.14, ``nq * d < 128000`` from 1.15) faiss
-    scores one query at a time, streaming the whole bank from memory once per query: ~8x
-    slower per thread here (60k x 128 bank). A block of a split search must stay above it.
+    scores one query at a time, streaming the whole bank from memory once per query, several
+    times slower per thread (docs/speed.md). A block of a split search must stay above it.
     """
     threshold = int(getattr(faiss.cvar, "distance_compute_blas_threshold", 20))
     return max(20, math.ceil(threshold / dim))

@@ -98,26 +98,35 @@ def unknown_key(node: DictConfig, prefix: str = "") -> str | None:
     return None
 
 
-def resolved(cfg: DictConfig) -> None:
-    """Resolve every ${...} reference once (a broken one is a user mistake too) and refuse
-    required values left at ???; and keys their schema does not have."""
+def _reference_error(exc: OmegaConfBaseException) -> ConfigError:
+    if not isinstance(exc, InterpolationResolutionError):
+        return ConfigError(omegaconf_error_line(exc))
+    reason = str(exc).strip().splitlines()[0]
+    return ConfigError(f"{exc.full_key}: {reason}: fix or remove this ${{...}} reference")
+
+
+def known_and_set(cfg: DictConfig) -> None:
+    """Refuse keys their schema does not have and required values left at ???."""
     extra = unknown_key(cfg)
     if extra:
         raise ConfigError(not_a_key(extra))
     try:
         missing = OmegaConf.missing_keys(cfg)
-        if not missing:
-            OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as exc:
-        if not isinstance(exc, InterpolationResolutionError):
-            raise ConfigError(omegaconf_error_line(exc)) from None
-        reason = str(exc).strip().splitlines()[0]
-        raise ConfigError(
-            f"{exc.full_key}: {reason}: fix or remove this ${{...}} reference"
-        ) from None
+    except OmegaConfBaseException as exc:  # a broken ${...} on the way
+        raise _reference_error(exc) from None
     if missing:
         key = sorted(missing)[0]
         raise ConfigError(f"{key} is required: set it on the command line, e.g. {key}=...")
+
+
+def resolved(cfg: DictConfig) -> None:
+    """``known_and_set``, then resolve every ${...} reference once (a broken one is a user
+    mistake too)."""
+    known_and_set(cfg)
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise _reference_error(exc) from None
 
 
 # -------------------------------------------------------------------------- pretraining
@@ -140,6 +149,12 @@ def check_pretrain(cfg: DictConfig) -> None:
     require(
         (trainer.max_epochs or -1) > 0 or (trainer.max_steps or -1) > 0,
         "set trainer.max_epochs or trainer.max_steps to a positive number",
+    )
+    recipe = cfg.get("recipe")
+    require(
+        recipe is None or recipe == data.name,
+        f"this experiment is tuned for data={recipe} (conf/recipe/{recipe}.yaml), not "
+        f"data={data.name}: without +experiment the untuned group defaults run on any data set",
     )
     if "queue_size" in model:  # MoCo; the supervised reference has no MoCo keys to check
         _check_moco(model, data, trainer)
@@ -195,6 +210,13 @@ def check_eval(cfg: DictConfig) -> None:
         raise ConfigError(
             "checkpoint is required: checkpoint=runs/.../checkpoints/last.ckpt, raw or random"
         )
+    # Not resolved here: the probe's lr refers to Hydra's runtime choices (checked below).
+    known_and_set(cfg)
+    require(
+        cfg.random_from is None or cfg.checkpoint == "random",
+        f"random_from={cfg.random_from} names the encoder of checkpoint=random only: drop it, "
+        "a checkpoint carries its own encoder spec",
+    )
     f = cfg.features
     require(f.batch_size >= 1, f"features.batch_size={f.batch_size} must be >= 1")
     for key in ("train_limit", "test_limit"):
@@ -229,6 +251,13 @@ def check_eval(cfg: DictConfig) -> None:
                     f"(conf/probe/default.yaml) or set optimizer.lr=..."
                 ) from None
             require(lr > 0, f"the learning rate of optimizer {name} must be > 0, got {lr}")
+
+
+def check_export(cfg: DictConfig) -> None:
+    """export.yaml: one line for a missing checkpoint or a key export does not have."""
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise ConfigError("checkpoint is required: checkpoint=runs/.../checkpoints/last.ckpt")
+    known_and_set(cfg)
 
 
 def optimizers(cfg: DictConfig) -> dict[str, DictConfig]:

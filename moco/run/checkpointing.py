@@ -145,8 +145,9 @@ def resume_checkpoint(resume: str, run_dir: Path, model: pl.LightningModule) -> 
 
 
 def changed_settings(before: dict, now: dict) -> str:
-    """The model settings that differ between a checkpoint and this run, as 'key old -> new'."""
-    keys = sorted(set(before) | set(now))
+    """The model settings that differ between a checkpoint and this run, as 'key old -> new'.
+    Settings this module no longer takes (a file from an older version) are not differences."""
+    keys = sorted(now)
     return ", ".join(
         f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)
     )

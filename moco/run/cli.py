@@ -76,7 +76,7 @@ def run_hydra_main(main) -> None:
             raise
         print(
             f"error: {exc}: a config group takes one of its options on the command line "
-            "(python scripts/pretrain.py --info defaults lists them)",
+            "(--help lists the groups and their options)",
             file=sys.stderr,
         )
         sys.exit(2)

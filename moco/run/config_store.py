@@ -1,14 +1,17 @@
-"""Every schema of moco/run/schema.py and moco/run/eval_schema.py in Hydra's ConfigStore, under
-``schema/<name>``: each YAML of conf/ names its schema in its defaults list. Group schemas live in
-their own group so that they never show up among a group's options."""
+"""What Hydra needs before it composes a config from conf/: every schema of moco/run/schema.py and
+moco/run/eval_schema.py in its ConfigStore, under ``schema/<name>`` (each YAML names its schema in
+its defaults list; in a group of their own, schemas never show up among a group's options), and
+the resolvers of the launcher's numbers (``${moco.run_stamp:}`` and friends, moco/run/launch.py)."""
 
 from hydra.core.config_store import ConfigStore
 
 from moco.run import eval_schema, schema
+from moco.run.launch import register_resolvers
 
 
 def register() -> None:
-    """Store every schema (idempotent); call before Hydra composes a config."""
+    """Store every schema and register the resolvers (idempotent)."""
+    register_resolvers()
     store = ConfigStore.instance()
     for name, node in schema.SCHEMAS.items():
         store.store(group="schema", name=name, node=node)

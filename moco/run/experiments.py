@@ -8,9 +8,11 @@ import hydra
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import MissingConfigException
 from omegaconf import DictConfig
 
 from moco.encoders import EncoderSpec
+from moco.errors import ConfigError
 from moco.run.config_store import register
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -32,6 +34,11 @@ def experiment_encoder_spec(experiment: str | None) -> EncoderSpec:
     The module itself says what its encoder is, so it is built, on the meta device: shapes only,
     no memory and no initialisation cost.
     """
-    cfg = pretrain_config([f"+experiment={experiment}"] if experiment else [])
+    try:
+        cfg = pretrain_config([f"+experiment={experiment}"] if experiment else [])
+    except MissingConfigException as exc:
+        raise ConfigError(
+            f"random_from={experiment} is unknown: use one of {', '.join(exc.options or [])}"
+        ) from None
     with torch.device("meta"):
         return hydra.utils.instantiate(cfg.model).encoder_spec

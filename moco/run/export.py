@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moco.checkpoint import query_encoder, read_moco_checkpoint, sha256
+from moco.checkpoint import encoder_spec, query_encoder, read_moco_checkpoint, sha256
 from moco.errors import ConfigError, DataError
 
 FORMATS = {"torchvision": ".pth", "safetensors": ".safetensors"}  # format -> file extension
@@ -86,13 +86,13 @@ def export_backbone(
         raise ConfigError(f"output={output} would overwrite the checkpoint: choose another path")
 
     ckpt = read_moco_checkpoint(checkpoint)
-    hp = ckpt["hyper_parameters"]
+    spec = encoder_spec(ckpt)
     backbone = query_encoder(ckpt, checkpoint).backbone
     tensors = backbone_state_dict(backbone)
     meta = {
-        "architecture": hp["backbone"],  # torchvision.models.<architecture>()
+        "architecture": spec.backbone,  # torchvision.models.<architecture>()
         "format": fmt,
-        "image_size": hp["image_size"],
+        "image_size": spec.image_size,
         "feature_dim": backbone.feature_dim,
         **stem_facts(backbone),
         "missing_on_load": ["fc.weight", "fc.bias"],  # the classifier is not part of pretraining

@@ -40,6 +40,13 @@ def resolve_precision(
     return "32-true"
 
 
+def precision_for(cfg) -> str:
+    """The precision a composed pretraining config runs with: its trainer's choice, auto resolved
+    for its model (pretraining and the benchmark both ask here)."""
+    trainer, model = cfg.trainer, cfg.model
+    return resolve_precision(trainer.precision, trainer.accelerator, model.stem, model.image_size)
+
+
 MALLOC_MODES = ("default", "no-mmap")
 
 
@@ -49,8 +56,9 @@ def configure_malloc(mode: str) -> bool:
     By default glibc maps each allocation above 32 MB afresh (mmap) and unmaps it when freed, so
     every such tensor of every CPU training step (a ResNet-18 activation at batch 256 and 28 px is
     51 MB, the N x (1+K) logits 64 MB) pays page faults and zeroing again, for a few hundred MB
-    more resident memory (docs/speed.md, scripts/benchmark.py --malloc). Same as starting Python with MALLOC_MMAP_MAX_=0
-    MALLOC_TRIM_THRESHOLD_=2147483647; data-loader workers forked later inherit it.
+    more resident memory (docs/speed.md, scripts/benchmark.py --malloc). Same as starting Python
+    with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647; data-loader workers forked later
+    inherit it.
 
     Returns whether the setting took effect: False on ``default`` and where there is no glibc
     (macOS, Windows, musl), where the allocator is left as it is.

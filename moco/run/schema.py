@@ -239,6 +239,7 @@ class PretrainConfig:
     seed: int = MISSING
     malloc: Malloc = MISSING
     resume: str = MISSING
+    recipe: str | None = None  # the data set a recipe in conf/recipe/ was tuned for
 
 
 # Schemas of group options that add keys to their group's common ones (the top-level schemas type

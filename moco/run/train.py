@@ -20,7 +20,7 @@ from moco.run.checkpointing import (
     resume_checkpoint,
 )
 from moco.run.first_screen import RunFacts, RunSummary, quiet_lightning
-from moco.run.hardware import configure_malloc, resolve_precision
+from moco.run.hardware import configure_malloc, precision_for
 from moco.run.training_clock import TrainingClock
 
 
@@ -50,10 +50,7 @@ class SaveConfig(pl.Callback):
 
 def _trainer_args(cfg: DictConfig) -> dict:
     args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    model = cfg.model
-    args["precision"] = resolve_precision(
-        cfg.trainer.precision, cfg.trainer.accelerator, model.stem, model.image_size
-    )
+    args["precision"] = precision_for(cfg)
     if isinstance(args.get("strategy"), dict):  # e.g. DDPStrategy with options (trainer/ddp.yaml)
         args["strategy"] = hydra.utils.instantiate(args["strategy"])
     return args

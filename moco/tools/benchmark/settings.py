@@ -37,7 +37,7 @@ class Settings:
     steps: int = 5
     device: str = "cpu"
     malloc: str = "no-mmap"  # as pretraining sets it (conf/pretrain.yaml); or default
-    stem: str = "small"  # backbone.stem; the data set's recipe is not applied (recipe=none)
+    stem: str = "small"  # backbone.stem; no experiment or data-set recipe is applied
     overrides: tuple[str, ...] = ()  # further Hydra overrides, e.g. data.num_train=64
 
     def label(self) -> str:

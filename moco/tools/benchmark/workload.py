@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 
 def precision(cfg: DictConfig) -> str:
     """The Lightning precision string pretraining would run with (``auto`` resolved)."""
-    from moco.run.hardware import resolve_precision
+    from moco.run.hardware import precision_for
 
-    return resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    return precision_for(cfg)
 
 
 def autocast(cfg: DictConfig) -> contextlib.AbstractContextManager:
