@@ -75,10 +75,12 @@ def omegaconf_error_line(exc: OmegaConfBaseException) -> str:
     return f"{key}: {text}" if key else text
 
 
-def not_a_key(key: str) -> str:
+def not_a_key(key: str, trainer: bool = True) -> str:
+    """``trainer``: the config has Trainer arguments, the one place that takes new keys."""
+    free = ", except Trainer arguments (+trainer.<name>=...)" if trainer else ""
     return (
         f"{key} is not a key of the config: check its spelling (--cfg job prints the config); "
-        f"new keys (+{key}=...) are refused too, except Trainer arguments (+trainer.<name>=...)"
+        f"new keys (+{key}=...) are refused too{free}"
     )
 
 
@@ -109,7 +111,7 @@ def known_and_set(cfg: DictConfig) -> None:
     """Refuse keys their schema does not have and required values left at ???."""
     extra = unknown_key(cfg)
     if extra:
-        raise ConfigError(not_a_key(extra))
+        raise ConfigError(not_a_key(extra, "trainer" in cfg))
     try:
         missing = OmegaConf.missing_keys(cfg)
     except OmegaConfBaseException as exc:  # a broken ${...} on the way
