@@ -1,6 +1,6 @@
 """moco: Momentum Contrast self-supervised learning with PyTorch Lightning and Hydra."""
 
-__all__ = ["MoCo"]
+__all__ = ["MoCo", "load_backbone"]
 
 
 def __getattr__(name: str):
@@ -10,4 +10,8 @@ def __getattr__(name: str):
         from moco.model import MoCo
 
         return MoCo
+    if name == "load_backbone":  # the frozen backbone of any MoCo checkpoint (moco/weights.py)
+        from moco.weights import load_backbone
+
+        return load_backbone
     raise AttributeError(f"module 'moco' has no attribute '{name}'")

@@ -4,7 +4,8 @@ A checkpoint's encoder is rebuilt from its encoder spec (``moco.encoders.Encoder
 ``encoder_spec``; files written before it existed carry the same keys among their
 hyper-parameters) and filled with its ``encoder_q`` weights.
 
-Every script that reads a checkpoint goes through ``read_checkpoint``: ``torch.load`` with
+Every script that reads a checkpoint goes through ``load_weights_only`` (``read_checkpoint``
+for Lightning checkpoints, ``moco.weights`` for any MoCo weights): ``torch.load`` with
 ``weights_only=True`` unpickles tensors and plain containers only, so a file whose pickle would
 call a function (``__reduce__``) is refused before anything in it runs.
 """
@@ -26,8 +27,9 @@ FROM_PRETRAIN = "use a checkpoint as scripts/pretrain.py wrote it"
 
 
 # ------------------------------------------------------------------------ reading the file
-def read_checkpoint(path: Path, option: str = "checkpoint") -> dict:
-    """A Lightning checkpoint as a dict, unpickled with ``weights_only=True``.
+def load_weights_only(path: Path, option: str = "checkpoint", hint: str = FROM_PRETRAIN):
+    """What ``torch.load(path, weights_only=True)`` returns, any type; a file that is missing,
+    unreadable or whose pickle would call a function ends in one line that ends with ``hint``.
 
     ``option`` is the config key the path came from (``checkpoint``, ``resume``), so the error
     for a missing file names what to change. Raises ConfigError / DataError with one line.
@@ -39,19 +41,25 @@ def read_checkpoint(path: Path, option: str = "checkpoint") -> dict:
             "(runs/.../checkpoints/last.ckpt)"
         )
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"unsupported global: GLOBAL (\S+)", str(exc), re.IGNORECASE)
         if found:  # a class or function the file wants called while it is read
             raise DataError(
                 f"{path} was refused: reading it would execute code ({found.group(1)}), "
-                f"not just load tensors; {FROM_PRETRAIN}"
+                f"not just load tensors; {hint}"
             ) from None
-        raise DataError(f"{path} is not a readable PyTorch checkpoint: {FROM_PRETRAIN}") from None
+        raise DataError(f"{path} is not a readable PyTorch checkpoint: {hint}") from None
     except Exception as exc:  # truncated zip, empty file, a safetensors file, ...
         raise DataError(
-            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}): {FROM_PRETRAIN}"
+            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}): {hint}"
         ) from None
+
+
+def read_checkpoint(path: Path, option: str = "checkpoint") -> dict:
+    """A Lightning checkpoint as a dict, unpickled with ``weights_only=True``
+    (``load_weights_only``); bare weights and other objects end in one DataError line."""
+    checkpoint = load_weights_only(path, option)
     if (
         isinstance(checkpoint, dict)
         and checkpoint
@@ -73,7 +81,12 @@ def _spec_values(checkpoint: dict):
 
 def read_moco_checkpoint(path: Path, option: str = "checkpoint") -> dict:
     """``read_checkpoint`` plus the check that it holds a query encoder and its encoder spec."""
-    checkpoint = read_checkpoint(path, option)
+    return check_moco_checkpoint(read_checkpoint(path, option), path)
+
+
+def check_moco_checkpoint(checkpoint: dict, path: Path) -> dict:
+    """``checkpoint`` (a Lightning checkpoint as a dict) if it holds a query encoder and its
+    encoder spec, else one DataError line."""
     hparams = _spec_values(checkpoint)
     if (
         not isinstance(hparams, dict)

@@ -1,8 +1,10 @@
-"""scripts/export.py: plain torchvision loads the query backbone and computes the same features."""
+"""scripts/export.py: plain torchvision, the official MoCo code and detectron2's conversion load
+the query backbone and compute the same features."""
 
 import importlib.util
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +19,13 @@ from torch import nn
 from moco.encoders import build_backbone
 from moco.errors import ConfigError, DataError
 from moco.run.export import FORMATS, backbone_state_dict, export_backbone
+from moco.run.export_formats import DETECTRON2_RENAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 # (image size, channels, backbone.stem): 8 px grey gets the small-image stem, 65 px RGB (just
 # above SMALL_IMAGE_MAX_SIZE) the stock ImageNet stem; small_pool keeps torchvision's max-pool.
 STEMS = {"small": (8, 1, "auto"), "small_pool": (8, 3, "small_pool"), "standard": (65, 3, "auto")}
+GREY_IMAGENET = {"grey_imagenet": (65, 1, "imagenet")}  # the ImageNet stem on 1 channel
 
 
 def save_checkpoint(model, path: Path) -> Path:
@@ -43,10 +47,10 @@ def trained(tiny_moco, tmp_path):
     """``trained(stem) -> (model, checkpoint path)``: a tiny MoCo whose query and key encoders
     differ and whose BatchNorm running statistics have moved away from their initial values."""
 
-    def make(stem: str):
-        size, channels, kind = STEMS[stem]
+    def make(stem: str, *extra: str):
+        size, channels, kind = (STEMS | GREY_IMAGENET)[stem]
         model, _ = tiny_moco(
-            f"data.image_size={size}", f"data.channels={channels}", f"backbone.stem={kind}"
+            f"data.image_size={size}", f"data.channels={channels}", f"backbone.stem={kind}", *extra
         )
         torch.manual_seed(0)
         with torch.no_grad():
@@ -208,3 +212,189 @@ def test_exporting_a_lightning_checkpoint_of_another_model_is_refused(tmp_path):
     with pytest.raises(DataError, match="is not a MoCo checkpoint"):
         export_backbone(path, "torchvision")
     assert sorted(tmp_path.iterdir()) == [path]
+
+
+# ------------------------------------------------------------- the official MoCo and detectron2
+def main_lincls_load(model: nn.Module, path: Path) -> None:
+    """facebookresearch/moco main_lincls.py --pretrained, line for line."""
+    checkpoint = torch.load(path, map_location="cpu")
+    state_dict = checkpoint["state_dict"]
+    for k in list(state_dict.keys()):
+        if k.startswith("module.encoder_q") and not k.startswith("module.encoder_q.fc"):
+            state_dict[k[len("module.encoder_q.") :]] = state_dict[k]
+        del state_dict[k]
+    msg = model.load_state_dict(state_dict, strict=False)
+    assert set(msg.missing_keys) == {"fc.weight", "fc.bias"}
+
+
+def official_conversion(moco_file: Path) -> dict:
+    """facebookresearch/moco detection/convert-pretrain-to-detectron2.py, line for line."""
+    obj = torch.load(moco_file, map_location="cpu")
+    obj = obj["state_dict"]
+    newmodel = {}
+    for k, v in obj.items():
+        if not k.startswith("module.encoder_q."):
+            continue
+        k = k.replace("module.encoder_q.", "")
+        if "layer" not in k:
+            k = "stem." + k
+        for t in [1, 2, 3, 4]:
+            k = k.replace("layer{}".format(t), "res{}".format(t + 1))  # noqa: UP032
+        for t in [1, 2, 3]:
+            k = k.replace("bn{}".format(t), "conv{}.norm".format(t))  # noqa: UP032
+        k = k.replace("downsample.0", "shortcut")
+        k = k.replace("downsample.1", "shortcut.norm")
+        newmodel[k] = v.numpy()
+    return {"model": newmodel, "__author__": "MOCO", "matching_heuristics": True}
+
+
+def official_moco_encoder(arch: str, head: str, dim: int) -> nn.Module:
+    """main_moco.py's encoder: torchvision with num_classes=dim, the MLP put in front of fc."""
+    model = getattr(torchvision.models, arch)(num_classes=dim)
+    if head == "mlp":
+        width = model.fc.weight.shape[1]
+        model.fc = nn.Sequential(nn.Linear(width, width), nn.ReLU(), model.fc)
+    return model
+
+
+def largest_difference(a: nn.Module, b: nn.Module, images: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (a.eval()(images) - b.eval()(images)).abs().max().item()
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_main_lincls_loads_the_moco_export_and_the_official_moco_model_is_ours(trained, head):
+    model, ckpt = trained("standard", f"model.head={head}")
+    path, meta = export_backbone(ckpt, "moco")
+    assert path == ckpt.with_name("standard_backbone.pth.tar") and meta["format"] == "moco"
+    assert meta["contents"] == ["encoder_q", "encoder_k", "queue"]
+    assert json.loads(Path(f"{path}.json").read_text()) == meta
+    images = torch.randn(3, 3, 65, 65)
+
+    lincls = torchvision.models.resnet18()
+    main_lincls_load(lincls, path)
+    lincls.fc = nn.Identity()  # features, as our backbone gives them
+    assert largest_difference(lincls, model.encoder_q.backbone, images) <= 1e-5
+
+    saved = torch.load(path, weights_only=True)
+    assert (saved["epoch"], saved["arch"], saved["optimizer"]) == (1, "resnet18", {})
+    weights = saved["state_dict"]
+    assert weights["module.queue"].shape == (16, 64)  # dim x K
+    assert torch.equal(weights["module.queue"], model.queue.keys.t())
+    assert weights["module.queue_ptr"].dtype == torch.long
+    assert weights["module.queue_ptr"].shape == (1,)
+    official = {}
+    for name in ("encoder_q", "encoder_k"):  # main_moco.py's encoders load strictly
+        official[name] = official_moco_encoder("resnet18", head, 16)
+        prefix = f"module.{name}."
+        strip = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        official[name].load_state_dict(strip)
+        theirs, ours = official[name].state_dict(), getattr(model, name).state_dict()
+        assert all(torch.equal(a, b) for a, b in zip(theirs.values(), ours.values(), strict=True))
+    # Features of the whole encoder (backbone and head); encoder_k's weights were shifted by +1,
+    # so its features overflow and only its tensors are compared above.
+    assert largest_difference(official["encoder_q"], model.encoder_q, images) <= 1e-5
+
+
+def test_detectron2_export_is_the_official_conversion_of_the_moco_export(trained):
+    model, ckpt = trained("standard")
+    moco_file, _ = export_backbone(ckpt, "moco")
+    path, meta = export_backbone(ckpt, "detectron2")
+    assert path == ckpt.with_name("standard_backbone.pkl") and meta["format"] == "detectron2"
+    with path.open("rb") as f:
+        ours = pickle.load(f)  # our own file, written by this test
+    expected = official_conversion(moco_file)
+    assert ours.keys() == expected.keys() and ours["__author__"] == "MOCO"
+    assert ours["matching_heuristics"] is True
+    assert list(ours["model"]) == list(expected["model"])
+    for key, array in expected["model"].items():
+        assert ours["model"][key].dtype == array.dtype and (ours["model"][key] == array).all()
+    assert "res3.0.shortcut.norm.running_var" in ours["model"]  # downsample.1, not shortcut.1
+
+    # Back to torchvision names by undoing the renames: the same tensors as our backbone.
+    backbone = {}
+    for key, array in ours["model"].items():
+        if key.startswith("stem.fc"):  # the head, kept as the script keeps it
+            continue
+        for old, new in reversed(DETECTRON2_RENAMES):
+            key = key.replace(new, old)
+        backbone[key.removeprefix("stem.")] = torch.from_numpy(array)
+    reference = backbone_state_dict(model.encoder_q.backbone)
+    assert backbone.keys() == reference.keys()
+    assert all(torch.equal(backbone[k], reference[k]) for k in reference)
+    plain = torchvision.models.resnet18()
+    plain.fc = nn.Identity()
+    plain.load_state_dict(backbone)
+    images = torch.randn(3, 3, 65, 65)
+    assert largest_difference(plain, model.encoder_q.backbone, images) <= 1e-5
+
+
+def test_a_supervised_reference_exports_its_encoder_q_only(trained, tmp_path):
+    model, _ = trained("standard", "model.head=linear")
+    path = tmp_path / "supervised.ckpt"
+    torch.save(  # what SupervisedReference saves: encoder_q and its spec, no key encoder or queue
+        {
+            "state_dict": {
+                k: v for k, v in model.state_dict().items() if k.startswith("encoder_q.")
+            },
+            "encoder_spec": model.encoder_spec.to_dict(),
+            "epoch": 3,
+        },
+        path,
+    )
+    out, meta = export_backbone(path, "moco")
+    assert meta["contents"] == ["encoder_q"]
+    weights = torch.load(out, weights_only=True)["state_dict"]
+    assert all(k.startswith("module.encoder_q.") for k in weights)
+    lincls = torchvision.models.resnet18()
+    main_lincls_load(lincls, out)
+    lincls.fc = nn.Identity()
+    images = torch.randn(2, 3, 65, 65)
+    assert largest_difference(lincls, model.encoder_q.backbone, images) <= 1e-5
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_output_is_honoured_for_every_format(trained, tmp_path, fmt):
+    _, ckpt = trained("standard")
+    out = tmp_path / "exports" / f"weights-{fmt}.bin"
+    path, meta = export_backbone(ckpt, fmt, out)
+    assert path == out and out.is_file() and meta["format"] == fmt
+    assert json.loads(Path(f"{out}.json").read_text())["format"] == fmt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exports", "standard.ckpt"]
+
+
+REFUSALS = {
+    "small": "1 input channel and the small stem",
+    "small_pool": "the small_pool stem",
+    "grey_imagenet": "1 input channel",
+}
+
+
+@pytest.mark.parametrize("fmt", ["moco", "detectron2"])
+@pytest.mark.parametrize("stem", list(REFUSALS))
+def test_a_model_the_official_tools_cannot_rebuild_is_one_line_and_nothing_written(
+    trained, tmp_path, fmt, stem
+):
+    _, ckpt = trained(stem)
+    with pytest.raises(ConfigError) as refused:
+        export_backbone(ckpt, fmt, tmp_path / "out" / "x")
+    assert str(refused.value) == (
+        f"format={fmt} needs a 3-channel ImageNet-stem ResNet; this one has {REFUSALS[stem]}: "
+        "use format=torchvision or safetensors (their JSON says how to rebuild it)"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}.ckpt"]
+
+
+def test_export_script_writes_detectron2_and_refuses_the_small_stem(trained, tmp_path):
+    _, ckpt = trained("standard")
+    proc = run_export(f"checkpoint={ckpt}", "format=detectron2", run_dir=tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "standard_backbone.pkl"
+    assert f"to {out}" in proc.stdout and f"MODEL.WEIGHTS {out}" in proc.stdout
+    assert out.is_file() and Path(f"{out}.json").is_file()
+
+    _, small = trained("small")
+    proc = run_export(f"checkpoint={small}", "format=moco", run_dir=tmp_path / "run2")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("error: format=moco needs a 3-channel ImageNet-stem ResNet")
+    assert not (tmp_path / "small_backbone.pth.tar").exists()

@@ -40,6 +40,11 @@ class FrozenFeatures(nn.Module):
                 "raw pixels have no projection head: use features.layer=backbone "
                 "with checkpoint=raw"
             )
+        if layer == "head" and encoder is not None and encoder.head is None:
+            raise ConfigError(
+                "the checkpoint holds no MoCo projection head (backbone weights only): use "
+                "features.layer=backbone"
+            )
         self.encoder, self.layer = encoder, layer
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The encoder to evaluate: a checkpoint's query encoder, or one of the two baselines.
+"""The encoder to evaluate: a checkpoint's query encoder (any format moco.weights knows), or one of
+the two baselines.
 
 ``checkpoint=raw`` evaluates the pixels themselves, ``checkpoint=random`` an untrained encoder
 built from an encoder spec (both go through the same feature and classifier code as a real
@@ -11,9 +12,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from moco.checkpoint import encoder_spec, query_encoder, read_moco_checkpoint, sha256
+from moco.checkpoint import FROM_PRETRAIN, sha256
 from moco.encoders import Encoder, EncoderSpec, resolve_stem
 from moco.errors import ConfigError
+from moco.weights import read_weights
 
 RAW, RANDOM = "raw", "random"
 
@@ -56,25 +58,33 @@ def _random_encoder(data_cfg: DictConfig, spec: EncoderSpec, seed: int) -> EvalE
 
 
 def _checkpoint_encoder(path: Path, data_cfg: DictConfig) -> EvalEncoder:
-    checkpoint = read_moco_checkpoint(path)
-    spec = encoder_spec(checkpoint)
-    if spec.in_channels != data_cfg.channels:
+    """Any file moco.weights knows: a pretraining checkpoint, an export, an official MoCo
+    checkpoint or torchvision weights (only pretraining and MoCo v1/v2 files have a head)."""
+    # A file torch cannot read safely gets the message the eval scripts always gave.
+    weights = read_weights(path, hint=FROM_PRETRAIN)
+    if weights.in_channels != data_cfg.channels:
         raise ConfigError(
-            f"{path} was pretrained on {spec.in_channels}-channel images but data={data_cfg.name} "
-            f"has {data_cfg.channels}: evaluate on the data set it was pretrained on"
+            f"{path} was pretrained on {weights.in_channels}-channel images but "
+            f"data={data_cfg.name} has {data_cfg.channels}: evaluate on the data set it was "
+            "pretrained on"
         )
-    # Evaluate at the resolution the encoder was trained at (eval_transform resizes to it).
-    data_cfg = OmegaConf.merge(data_cfg, {"image_size": spec.image_size})
-    encoder = query_encoder(checkpoint, path)
+    # Evaluate at the resolution the encoder was trained at (eval_transform resizes to it), or,
+    # when the file does not say it (official and torchvision files), at the data's.
+    image_size = weights.image_size or data_cfg.image_size
+    data_cfg = OmegaConf.merge(data_cfg, {"image_size": image_size})
     info = {
         "checkpoint": str(path),
-        "epoch": checkpoint.get("epoch"),
-        "global_step": checkpoint.get("global_step"),
-        "backbone": spec.backbone,
-        "stem": spec.stem,
-        "image_size": spec.image_size,
+        "format": weights.format,
+        "epoch": weights.info.get("epoch"),
+        "global_step": weights.info.get("global_step"),
+        "backbone": weights.architecture,
+        "stem": weights.stem,
+        "image_size": image_size,
     }
-    return EvalEncoder(encoder, data_cfg, f"sha256:{sha256(path)}", info)
+    source = f"sha256:{sha256(path)}"
+    if weights.format != "pretrain":  # an export's JSON can say another stem for the same file
+        source += f":{weights.stem}"
+    return EvalEncoder(weights.encoder(), data_cfg, source, info)
 
 
 def random_spec_for(spec: EncoderSpec, data_cfg: DictConfig) -> EncoderSpec:

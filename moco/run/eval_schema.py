@@ -7,9 +7,11 @@ from typing import Any
 from omegaconf import MISSING
 
 from moco.eval.probe import NORMALISATIONS
+from moco.run.export_formats import FORMATS
 from moco.run.schema import AugmentConfig, DataConfig, Layer, SchedulerConfig, choices
 
 Normalisation = choices("Normalisation", NORMALISATIONS)
+ExportFormat = choices("ExportFormat", FORMATS)
 
 
 @dataclass
@@ -89,7 +91,7 @@ class CompareEvalConfig(EvalConfig):
 @dataclass
 class ExportConfig:
     checkpoint: str = MISSING
-    format: str = MISSING
+    format: ExportFormat = MISSING
     output: str | None = MISSING
 
 

@@ -6,11 +6,14 @@ parameters), so its state dict already carries torchvision's key names: a stock
 and ``fc.bias`` missing. What torchvision cannot guess is a changed stem (small images: 3x3
 stride-1 ``conv1`` and no max-pool; grey images: 1 input channel), so every export carries those
 facts, in a JSON file next to it and, for safetensors, in the file's own metadata too.
+
+``format=moco`` and ``format=detectron2`` write the layouts of the official MoCo code and of
+its detectron2 conversion (moco/run/export_formats.py); those tools rebuild the stock ImageNet
+ResNet, so a backbone with another stem or channel count is refused with one line.
 """
 
 import contextlib
 import importlib.util
-import io
 import json
 import os
 from pathlib import Path
@@ -20,8 +23,13 @@ from torch import nn
 
 from moco.checkpoint import encoder_spec, query_encoder, read_moco_checkpoint, sha256
 from moco.errors import ConfigError, DataError
-
-FORMATS = {"torchvision": ".pth", "safetensors": ".safetensors"}  # format -> file extension
+from moco.run.export_formats import (
+    FORMATS,
+    encode,
+    moco_checkpoint,
+    moco_contents,
+    refuse_unless_stock_stem,
+)
 
 
 def backbone_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
@@ -71,7 +79,9 @@ def export_backbone(
     checkpoint: Path | str, fmt: str, output: Path | str | None = None
 ) -> tuple[Path, dict]:
     """Write the query backbone of a MoCo ``checkpoint`` in format ``fmt`` to ``output`` (or
-    ``default_output``) plus its metadata JSON. Returns the export path and the metadata."""
+    ``default_output``) plus its metadata JSON. Returns the export path and the metadata.
+    ``fmt=moco`` writes the whole official MoCo checkpoint (both encoders and the queue)."""
+    fmt = str(fmt)  # the schema's enum member, or a plain string
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt} is unknown: use one of {list(FORMATS)}")
     if fmt == "safetensors" and importlib.util.find_spec("safetensors") is None:
@@ -87,42 +97,42 @@ def export_backbone(
 
     ckpt = read_moco_checkpoint(checkpoint)
     spec = encoder_spec(ckpt)
-    backbone = query_encoder(ckpt, checkpoint).backbone
-    tensors = backbone_state_dict(backbone)
+    encoder = query_encoder(ckpt, checkpoint)
+    backbone = encoder.backbone
+    facts = stem_facts(backbone)
+    refuse_unless_stock_stem(fmt, facts)
+    if fmt in ("moco", "detectron2"):
+        payload = moco_checkpoint(
+            ckpt["state_dict"], encoder, spec.backbone, ckpt.get("epoch"), checkpoint
+        )
+    else:
+        payload = backbone_state_dict(backbone)
     meta = {
         "architecture": spec.backbone,  # torchvision.models.<architecture>()
         "format": fmt,
         "image_size": spec.image_size,
         "feature_dim": backbone.feature_dim,
-        **stem_facts(backbone),
+        **facts,
         "missing_on_load": ["fc.weight", "fc.bias"],  # the classifier is not part of pretraining
         "checkpoint": str(checkpoint.resolve()),
         "checkpoint_sha256": sha256(checkpoint),
         "epoch": ckpt.get("epoch"),
         "global_step": ckpt.get("global_step"),
     }
+    if fmt == "moco":  # a supervised reference has encoder_q only
+        meta["contents"] = moco_contents(payload["state_dict"])
+    if fmt == "detectron2":  # detectron2 builds its own heads: nothing is "missing"
+        del meta["missing_on_load"]
     # Both files are encoded in memory first, so every write is a plain Python file write and a
     # full disk or a read-only directory shows up as one OSError (torch.save on a path raises a
     # RuntimeError from C++ instead).
     _write_atomically(
         {
-            output: _encode(tensors, meta, fmt),
+            output: encode(fmt, payload, meta),
             meta_file: (json.dumps(meta, indent=2) + "\n").encode(),
         }
     )
     return output, meta
-
-
-def _encode(tensors: dict, meta: dict, fmt: str) -> bytes:
-    if fmt == "torchvision":
-        buffer = io.BytesIO()
-        torch.save(tensors, buffer)
-        return buffer.getvalue()
-    from safetensors.torch import save  # only this format needs it
-
-    # safetensors metadata is str -> str: strings as they are, everything else as JSON.
-    header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    return save(tensors, metadata=header)
 
 
 def _write_atomically(files: dict[Path, bytes]) -> None:

@@ -105,7 +105,16 @@ class BackboneConfig:
 
 # --------------------------------------------------------------------------------- models
 @dataclass
-class EncoderKeys:
+class Instantiated:
+    """What Hydra builds: the class, and its arguments passed as they are (the module builds its
+    optimizer and schedule itself)."""
+
+    _target_: str = MISSING
+    _recursive_: bool = MISSING
+
+
+@dataclass
+class EncoderKeys(Instantiated):
     """The encoder spec of every model config (moco.encoders.EncoderSpec); the YAML points them
     at the backbone and data groups."""
 
@@ -128,8 +137,6 @@ class TrainingKeys:
 
 @dataclass
 class MocoModelConfig(TrainingKeys, EncoderKeys):
-    _target_: str = "moco.MoCo"
-    _recursive_: bool = False
     head: Head = MISSING
     dim: int = MISSING
     queue_size: int = MISSING
@@ -143,8 +150,6 @@ class MocoModelConfig(TrainingKeys, EncoderKeys):
 
 @dataclass
 class SupervisedModelConfig(TrainingKeys, EncoderKeys):
-    _target_: str = "moco.supervised.SupervisedReference"
-    _recursive_: bool = False
     num_classes: int = MISSING
 
 
@@ -239,6 +244,10 @@ class PretrainConfig:
     seed: int = MISSING
     malloc: Malloc = MISSING
     resume: str = MISSING
+    # A fresh start's weights: a file moco.weights knows (a pretraining checkpoint, an export,
+    # official MoCo v1/v2/v3, torchvision ResNet weights), copied into the query and key
+    # encoders (the head too when it fits); null: random. Ignored when the run resumes.
+    init: str | None = None
     recipe: str | None = None  # the data set a recipe in conf/recipe/ was tuned for
 
 

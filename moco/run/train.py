@@ -8,6 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 from moco.data import PretrainDataModule
 from moco.encoders import resolve_stem
@@ -22,6 +23,7 @@ from moco.run.checkpointing import (
 from moco.run.first_screen import RunFacts, RunSummary, quiet_lightning
 from moco.run.hardware import configure_malloc, precision_for
 from moco.run.training_clock import TrainingClock
+from moco.run.warm_start import warm_start
 
 
 def _loggers(run_dir: Path) -> list:
@@ -84,6 +86,8 @@ def pretrain(cfg: DictConfig, run_dir: Path) -> Path | None:
     model = hydra.utils.instantiate(cfg.model)
     monitor = KNNMonitor.from_config(cfg.eval, cfg.data)  # None when eval.enabled=false
     resume_from = resume_checkpoint(cfg.resume, run_dir, model)  # None: a fresh start
+    if resume_from is None and cfg.get("init"):  # a resumed run has its own weights
+        rank_zero_only(print)(warm_start(model, cfg.init))
 
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",

@@ -1,0 +1,153 @@
+"""The layouts of the other tools: the official MoCo checkpoint and detectron2's pickle.
+
+``format=moco`` writes what facebookresearch/moco ``main_moco.py`` saves, ``{"epoch", "arch",
+"state_dict", "optimizer"}``, with the query and key encoders under ``module.encoder_q.`` and
+``module.encoder_k.`` (torchvision ResNet names, the projection head as torchvision's ``fc``:
+``fc.weight`` for the linear head of v1, ``fc.0.*`` / ``fc.2.*`` for the MLP of v2) and the
+queue as ``module.queue`` (dim x K) and ``module.queue_ptr``. Its ``main_lincls.py
+--pretrained`` and ``detection/convert-pretrain-to-detectron2.py`` read it unchanged.
+
+``format=detectron2`` writes what that conversion script writes from such a file.
+
+Both rebuild the stock ImageNet ResNet (3 input channels, 7x7 stride-2 conv1, max-pool) from
+the architecture name alone, so a model with another stem is refused before anything is written.
+"""
+
+import io
+import json
+import pickle
+
+import torch
+from torch import nn
+
+from moco.checkpoint import state_dict_mismatch
+from moco.errors import ConfigError, DataError
+
+# format -> file extension (.pth.tar as main_moco.py names its checkpoints)
+FORMATS = {
+    "torchvision": ".pth",
+    "safetensors": ".safetensors",
+    "moco": ".pth.tar",
+    "detectron2": ".pkl",
+}
+STOCK_STEM_ONLY = ("moco", "detectron2")  # rebuilt as torchvision.models.<arch>() / detectron2
+# What the official MoCo files carry besides encoder_q (a supervised reference has neither).
+KEY_ENCODER, QUEUE_KEYS, QUEUE_PTR = "encoder_k.", "queue.keys", "queue.ptr"
+# detection/convert-pretrain-to-detectron2.py, in its order.
+DETECTRON2_RENAMES = (
+    ("layer1", "res2"),
+    ("layer2", "res3"),
+    ("layer3", "res4"),
+    ("layer4", "res5"),
+    ("bn1", "conv1.norm"),
+    ("bn2", "conv2.norm"),
+    ("bn3", "conv3.norm"),
+    ("downsample.0", "shortcut"),
+    ("downsample.1", "shortcut.norm"),
+)
+USAGE = {  # how to load it, printed by scripts/export.py (.format(arch=..., path=...))
+    "torchvision": "torchvision.models.{arch}().load_state_dict(torch.load('{path}'), "
+    "strict=False)",
+    "safetensors": "torchvision.models.{arch}().load_state_dict("
+    "safetensors.torch.load_file('{path}'), strict=False)",
+    "moco": "python main_lincls.py -a {arch} --pretrained {path} ... (facebookresearch/moco)",
+    "detectron2": "MODEL.WEIGHTS {path}, MODEL.RESNETS.DEPTH 50 (resnet18: DEPTH 18 and "
+    "RES2_OUT_CHANNELS 64), INPUT.FORMAT RGB, PIXEL_MEAN/STD of pretraining x 255",
+}
+
+
+def refuse_unless_stock_stem(fmt: str, facts: dict) -> None:
+    """One ConfigError line when ``fmt`` cannot rebuild the backbone that ``facts``
+    (``export.stem_facts``) describe: the official tools build the stock ImageNet ResNet."""
+    if fmt not in STOCK_STEM_ONLY or not facts["stem_changes"]:
+        return
+    problems = []
+    channels = facts["in_channels"]
+    if channels != 3:
+        problems.append(f"{channels} input channel{'' if channels == 1 else 's'}")
+    k, s = facts["conv1_kernel_size"], facts["conv1_stride"]
+    if (k, s) == (3, 1):  # moco/encoders.py STEMS: small (no max-pool) or small_pool
+        problems.append(f"the {'small_pool' if facts['has_maxpool'] else 'small'} stem")
+    elif (k, s, facts["conv1_padding"], facts["has_maxpool"]) != (7, 2, 3, True):
+        problems.append(f"a {k}x{k} stride-{s} conv1")
+    raise ConfigError(
+        f"format={fmt} needs a 3-channel ImageNet-stem ResNet; this one has "
+        f"{' and '.join(problems)}: use format=torchvision or safetensors (their JSON says how "
+        "to rebuild it)"
+    )
+
+
+def _as_torchvision(encoder_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our Encoder's names (``backbone.*``, ``head.*``) as torchvision's (``*``, ``fc.*``)."""
+    renamed = {}
+    for key, value in encoder_weights.items():
+        part, _, rest = key.partition(".")
+        renamed[rest if part == "backbone" else f"fc.{rest}"] = value.detach().contiguous()
+    return renamed
+
+
+def moco_checkpoint(state_dict: dict, encoder: nn.Module, arch: str, epoch, path) -> dict:
+    """The official MoCo checkpoint of a pretraining ``state_dict`` whose ``encoder_q`` is
+    ``encoder`` (rebuilt and checked by ``query_encoder``). A supervised reference has no key
+    encoder and no queue: the file then holds ``module.encoder_q.*`` only, all that
+    ``main_lincls.py`` and the detectron2 conversion read."""
+    query = encoder.state_dict()
+    out = {f"module.encoder_q.{k}": v for k, v in _as_torchvision(query).items()}
+    key_encoder = {
+        k[len(KEY_ENCODER) :]: v for k, v in state_dict.items() if k.startswith(KEY_ENCODER)
+    }
+    if key_encoder:
+        problem = state_dict_mismatch(query, key_encoder)
+        if problem:
+            raise DataError(f"{path}: the encoder_k weights do not fit encoder_q ({problem})")
+        out.update({f"module.encoder_k.{k}": v for k, v in _as_torchvision(key_encoder).items()})
+    if QUEUE_KEYS in state_dict and QUEUE_PTR in state_dict:
+        # ours is K x dim (a key per row), main_moco.py's dim x K (a key per column)
+        out["module.queue"] = state_dict[QUEUE_KEYS].t().contiguous()
+        out["module.queue_ptr"] = state_dict[QUEUE_PTR].reshape(1).long()
+    return {"epoch": int(epoch or 0), "arch": arch, "state_dict": out, "optimizer": {}}
+
+
+def moco_contents(moco_state_dict: dict) -> list[str]:
+    """Which of encoder_q, encoder_k and the queue a MoCo state dict holds."""
+    return [
+        part
+        for part in ("encoder_q", "encoder_k", "queue")
+        if any(k.startswith(f"module.{part}") for k in moco_state_dict)
+    ]
+
+
+def detectron2_model(moco_state_dict: dict) -> dict:
+    """What ``detection/convert-pretrain-to-detectron2.py`` makes of a MoCo state dict: the
+    query encoder under detectron2's stem and stage names, as numpy arrays. As that script does,
+    the head is kept too, as ``stem.fc.*``: no detectron2 model has such a key, so it loads the
+    backbone and leaves them unused (its checkpointer logs them)."""
+    model = {}
+    for key, value in moco_state_dict.items():
+        if not key.startswith("module.encoder_q."):
+            continue
+        key = key.replace("module.encoder_q.", "")
+        if "layer" not in key:
+            key = f"stem.{key}"
+        for old, new in DETECTRON2_RENAMES:
+            key = key.replace(old, new)
+        model[key] = value.numpy()
+    return model
+
+
+def encode(fmt: str, payload, meta: dict) -> bytes:
+    """``payload``: the backbone tensors (torchvision, safetensors) or the MoCo checkpoint."""
+    if fmt == "detectron2":
+        # The official script's pickle: detectron2 reads .pkl files with pickle.load. NumPy 2
+        # writes numpy._core names, which NumPy 1.x cannot unpickle (numpy/numpy#28340).
+        model = detectron2_model(payload["state_dict"])
+        return pickle.dumps({"model": model, "__author__": "MOCO", "matching_heuristics": True})
+    if fmt in ("torchvision", "moco"):
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        return buffer.getvalue()
+    from safetensors.torch import save  # only this format needs it
+
+    # safetensors metadata is str -> str: strings as they are, everything else as JSON.
+    header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    return save(payload, metadata=header)

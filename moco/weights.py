@@ -1,0 +1,255 @@
+"""Weights in: the backbone (and head) of any MoCo checkpoint, recognised from the file's content.
+
+``read_weights`` knows these formats (the file's name plays no part):
+
+- ``pretrain``: this project's Lightning checkpoint (``encoder_q.*`` and ``encoder_spec``);
+- ``export``: a torchvision state dict with its ``<file>.json`` (scripts/export.py);
+- ``safetensors``: the same tensors with the JSON's facts in the file's metadata;
+- ``moco_v1_v2`` / ``moco_v3``: facebookresearch's ``module.encoder_q.*`` /
+  ``module.base_encoder.*`` (3-channel ImageNet models);
+- ``torchvision``: a plain ResNet-18/50 state dict, the stem guessed from conv1.
+
+Files are read with ``torch.load(weights_only=True)`` (``moco.checkpoint.load_weights_only``) or,
+for safetensors, without pickle at all. The backbone becomes this project's own module
+(``moco.encoders.build_backbone``: a torchvision ResNet with ``fc = Identity``).
+"""
+
+import json
+from dataclasses import dataclass, field, replace
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moco.checkpoint import (
+    check_moco_checkpoint,
+    encoder_spec,
+    load_weights_only,
+    query_encoder,
+    state_dict_mismatch,
+)
+from moco.encoders import BACKBONES, Encoder, build_backbone, build_head, resolve_stem
+from moco.errors import ConfigError, DataError
+
+KNOWN = (
+    "known formats: a scripts/pretrain.py checkpoint, a scripts/export.py export (.pth with its "
+    ".json, or .safetensors), an official MoCo v1/v2/v3 checkpoint, a torchvision ResNet-18/50 "
+    "state dict"
+)
+KERNEL_OF_STEM = {"small": 3, "small_pool": 3, "imagenet": 7}  # conv1's kernel size
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A file's backbone weights (torchvision names, no ``fc``) and the geometry to build them."""
+
+    format: str  # pretrain, export, safetensors, moco_v1_v2, moco_v3 or torchvision
+    architecture: str  # a key of moco.encoders.BACKBONES
+    stem: str  # small, small_pool or imagenet
+    in_channels: int
+    image_size: int | None  # None: the file does not say
+    backbone: dict
+    head: str | None = None  # linear or mlp: the file holds a MoCo projection head
+    head_state: dict | None = None
+    dim: int | None = None
+    channels_last: bool = False  # the memory format the encoder trained in (speed only)
+    stem_said: bool = True  # False: guessed from conv1 alone (a state dict cannot say max-pool)
+    info: dict = field(default_factory=dict)  # epoch, global_step when the file has them
+
+    def build_backbone(self) -> nn.Module:
+        # The stem is resolved, so the image size given to build_backbone plays no part.
+        net = build_backbone(
+            self.architecture, self.in_channels, self.image_size or 0, stem=self.stem
+        )
+        net.load_state_dict(self.backbone)
+        return net
+
+    def encoder(self) -> Encoder:
+        """Backbone and head (``head`` None when the file has none)."""
+        head = None
+        if self.head is not None:
+            head = build_head(self.head, _stock_resnet(self.architecture)[1], self.dim)
+            head.load_state_dict(self.head_state)
+        return Encoder(self.build_backbone(), head, self.channels_last)
+
+
+def load_backbone(path, *, in_channels=None, image_size=None, stem=None) -> nn.Module:
+    """The frozen backbone (eval mode, no gradients) of a checkpoint in any of FORMATS: images
+    (N x C x H x W) to pooled features (N x feature_dim). Geometry the file does not say comes
+    from the arguments (``stem`` only matters for a 3x3 conv1 without facts: small by default)."""
+    weights = read_weights(path, in_channels=in_channels, image_size=image_size, stem=stem)
+    net = weights.build_backbone().eval().requires_grad_(False)
+    for key in ("architecture", "stem", "in_channels", "image_size"):  # net.feature_dim is set
+        setattr(net, key, getattr(weights, key))
+    net.source_format = weights.format
+    return net
+
+
+def read_weights(path, *, in_channels=None, image_size=None, stem=None, hint=KNOWN) -> Weights:
+    """The Weights of ``path``; anything not in FORMATS ends in one DataError line. ``hint`` ends
+    the message of a file torch cannot read safely."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: {KNOWN}")
+    if _is_safetensors(path):
+        weights = _safetensors(path)
+    else:
+        weights = _recognise(load_weights_only(path, hint=hint), path)
+    if in_channels is not None and in_channels != weights.in_channels:
+        raise DataError(f"{path} holds {weights.in_channels}-channel weights, not {in_channels}")
+    if stem is not None and stem != weights.stem:
+        if weights.stem_said or KERNEL_OF_STEM.get(stem) != KERNEL_OF_STEM[weights.stem]:
+            raise DataError(f"{path} holds a {weights.stem} stem, not stem={stem}")
+        weights = replace(weights, stem=stem)
+    return weights if weights.image_size else replace(weights, image_size=image_size)
+
+
+def _refuse(path: Path, why: str):
+    raise DataError(f"{path} is not a MoCo checkpoint or ResNet weights ({why}); {KNOWN}")
+
+
+def _recognise(obj, path: Path) -> Weights:
+    if not isinstance(obj, dict):
+        _refuse(path, f"it holds a {type(obj).__name__}")
+    state = obj.get("state_dict")
+    if isinstance(state, dict):
+        keys = [str(k) for k in state]
+        if any(k.startswith("encoder_q.") for k in keys):
+            return _pretrain(check_moco_checkpoint(obj, path), path)
+        if any(k.startswith("module.encoder_q.") for k in keys):
+            return _official(obj, path, "module.encoder_q.", "moco_v1_v2")
+        if any(k.startswith("module.base_encoder.") for k in keys):
+            return _official(obj, path, "module.base_encoder.", "moco_v3")
+        _refuse(path, "its state_dict has no encoder_q, module.encoder_q or module.base_encoder")
+    if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        sidecar = path.with_name(path.name + ".json")
+        if sidecar.is_file():
+            return _from_resnet(obj, path, "export", _read_json(sidecar))
+        return _from_resnet(obj, path, "torchvision", {})
+    _refuse(path, f"a dict with keys {sorted(map(str, obj))[:5]}")
+
+
+def _pretrain(checkpoint: dict, path: Path) -> Weights:
+    spec = encoder_spec(checkpoint)
+    encoder = query_encoder(checkpoint, path)
+    return Weights(
+        "pretrain",
+        spec.backbone,
+        resolve_stem(spec.stem, spec.image_size),
+        spec.in_channels,
+        spec.image_size,
+        encoder.backbone.state_dict(),
+        spec.head,
+        encoder.head.state_dict(),
+        spec.dim,
+        spec.channels_last,
+        info={k: checkpoint.get(k) for k in ("epoch", "global_step")},
+    )
+
+
+def _official(checkpoint: dict, path: Path, prefix: str, fmt: str) -> Weights:
+    """facebookresearch/moco (v1/v2: ``fc`` is the MoCo head) or moco-v3 (``fc`` is the
+    projector, dropped) as main_moco.py saves them, with DistributedDataParallel's prefix."""
+    state = {
+        k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
+    }
+    weights = _from_resnet(state, path, fmt, {})
+    arch = checkpoint.get("arch")
+    if arch in BACKBONES and arch != weights.architecture:
+        raise DataError(f"{path} says arch={arch} but holds {weights.architecture} weights")
+    info = {"epoch": checkpoint.get("epoch")}
+    fc = {k[3:]: v for k, v in state.items() if k.startswith("fc.")}
+    head, dim = _moco_head(fc) if fmt == "moco_v1_v2" else (None, None)
+    if head is not None:
+        with torch.device("meta"):
+            expected = build_head(head, _stock_resnet(weights.architecture)[1], dim).state_dict()
+        if not state_dict_mismatch(expected, fc):
+            return replace(weights, head=head, head_state=fc, dim=dim, info=info)
+    return replace(weights, info=info)
+
+
+def _moco_head(fc: dict) -> tuple[str | None, int | None]:
+    if set(fc) == {"weight", "bias"}:
+        return "linear", fc["weight"].shape[0]
+    if set(fc) == {"0.weight", "0.bias", "2.weight", "2.bias"}:
+        return "mlp", fc["2.weight"].shape[0]
+    return None, None
+
+
+@cache
+def _stock_resnet(name: str) -> tuple[frozenset, int]:
+    """The parameter names of a torchvision ResNet without ``fc``, and its feature size."""
+    with torch.device("meta"):  # names only: no memory, no initialisation cost
+        net = BACKBONES[name](weights=None)
+    return frozenset(k for k in net.state_dict() if not k.startswith("fc.")), net.fc.in_features
+
+
+def _from_resnet(state: dict, path: Path, fmt: str, facts: dict) -> Weights:
+    """torchvision-named weights (``fc.*`` dropped: a classifier or a projector) and stem
+    ``facts`` (an export's JSON or safetensors metadata; empty: guessed from conv1)."""
+    backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    found = [name for name in BACKBONES if _stock_resnet(name)[0] == set(backbone)]
+    conv1 = backbone.get("conv1.weight")
+    if not found or conv1 is None or conv1.dim() != 4:
+        _refuse(path, f"its {len(backbone)} tensors are no ResNet-18/50 backbone")
+    arch, kernel, in_channels = found[0], conv1.shape[-1], conv1.shape[1]
+    if kernel not in (3, 7):
+        _refuse(path, f"conv1 is {kernel}x{kernel}, neither the 3x3 small nor 7x7 ImageNet stem")
+    stem = "imagenet" if kernel == 7 else "small_pool" if facts.get("has_maxpool") else "small"
+    said = {"architecture": arch, "in_channels": in_channels, "conv1_kernel_size": kernel}
+    for key, value in said.items():
+        if key in facts and facts[key] != value:
+            raise DataError(f"{path}: its metadata say {key}={facts[key]} but it holds {value}")
+    with torch.device("meta"):
+        expected = build_backbone(arch, in_channels, 0, stem=stem).state_dict()
+    problem = state_dict_mismatch(expected, backbone)
+    if problem:
+        raise DataError(f"{path}: the weights do not fit a {arch} with a {stem} stem ({problem})")
+    size = facts.get("image_size")
+    return Weights(
+        fmt,
+        arch,
+        stem,
+        in_channels,
+        size if isinstance(size, int) else None,
+        backbone,
+        stem_said=kernel == 7 or "has_maxpool" in facts,
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        facts = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is not readable JSON ({type(exc).__name__}): {KNOWN}") from None
+    if not isinstance(facts, dict):
+        raise DataError(f"{path} holds no export facts (not a JSON object): {KNOWN}")
+    return facts
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with its header's length (8 bytes, little-endian) and the
+    header, a JSON object."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    size = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+    return head[8:9] == b"{" and 2 <= size <= path.stat().st_size - 8
+
+
+def _safetensors(path: Path) -> Weights:
+    from safetensors import safe_open  # only this format needs it
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no __iter__)
+            header = f.metadata() or {}
+    except Exception as exc:
+        raise DataError(f"{path} is no readable safetensors ({type(exc).__name__})") from None
+    facts = {}
+    for key, value in header.items():  # str -> str: strings as they are, the rest as JSON
+        try:
+            facts[key] = json.loads(value)
+        except ValueError:
+            facts[key] = value
+    return _from_resnet(state, path, "safetensors", facts)

@@ -1,0 +1,422 @@
+"""moco.load_backbone: every incoming checkpoint layout, built here from its description, gives
+the features of the same weights loaded by hand into torchvision; anything else is one line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from conftest import with_values
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+from torch import nn
+
+import moco
+from moco.errors import ConfigError, DataError
+from moco.eval.features import FrozenFeatures
+from moco.eval.source import load_encoder
+from moco.model import MoCo
+from moco.run.train import pretrain
+from moco.run.warm_start import warm_start
+from moco.weights import read_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+DIFFS = {}  # format -> largest |feature difference| against torchvision, shown at the end
+DATA = OmegaConf.create({"name": "synthetic", "channels": 3, "image_size": 32})
+
+
+class Payload:
+    """Pickles as a call to ``Path.touch(marker)``: whoever unpickles it creates the marker."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+# ----------------------------------------------------------------------------- references
+def torchvision_net(arch="resnet18", in_channels=3, kernel=7, maxpool=True, fc=None) -> nn.Module:
+    """A stock torchvision ResNet changed by hand: the reference every loader is checked with."""
+    net = getattr(torchvision.models, arch)()
+    if kernel == 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+    if not maxpool:
+        net.maxpool = nn.Identity()
+    for m in net.modules():  # running statistics away from 0/1, so they must be loaded too
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    if fc is not None:
+        net.fc = fc
+    return net
+
+
+def reference_features(state: dict, images, arch="resnet18", **stem) -> torch.Tensor:
+    net = torchvision_net(arch, images.shape[1], **stem, fc=nn.Identity())
+    net.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
+    with torch.no_grad():
+        return net.eval()(images)
+
+
+def check_features(name: str, backbone: nn.Module, state: dict, images, **stem) -> None:
+    with torch.no_grad():
+        got = backbone(images)
+    want = reference_features(state, images, **stem)
+    assert got.shape == want.shape == (len(images), backbone.feature_dim)
+    diff = (got - want).abs().max().item()
+    DIFFS[name] = max(diff, DIFFS.get(name, 0.0))
+    assert diff < 1e-5, diff
+    assert not backbone.training and not any(p.requires_grad for p in backbone.parameters())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def show_diffs():
+    yield
+    print("\nlargest |feature difference| vs torchvision:")
+    for name, diff in DIFFS.items():
+        print(f"  {name:24s} {diff:.3g}")
+
+
+def prefixed(prefix: str, state: dict) -> dict:
+    return {prefix + k: v for k, v in state.items()}
+
+
+def official_v1_v2(path: Path, head: str, arch: str = "resnet18") -> dict:
+    """facebookresearch/moco main_moco.py's file: DDP's module. prefix, both encoders, queue."""
+    dim = 128
+    feat = {"resnet18": 512, "resnet50": 2048}[arch]
+    fc = (
+        nn.Linear(feat, dim)
+        if head == "linear"
+        else nn.Sequential(nn.Linear(feat, feat), nn.ReLU(), nn.Linear(feat, dim))
+    )
+    q = torchvision_net(arch, fc=fc).state_dict()
+    state = {
+        **prefixed("module.encoder_q.", q),
+        **prefixed("module.encoder_k.", {k: -v for k, v in q.items()}),  # not the one to load
+        "module.queue": torch.randn(dim, 64),
+        "module.queue_ptr": torch.zeros(1, dtype=torch.long),
+    }
+    optimizer = {"state": {}, "param_groups": [{"lr": 0.03, "momentum": 0.9, "params": [0, 1]}]}
+    torch.save({"epoch": 200, "arch": arch, "state_dict": state, "optimizer": optimizer}, path)
+    return q
+
+
+def tiny_moco(**changes) -> MoCo:
+    hparams = dict(
+        backbone="resnet18",
+        in_channels=3,
+        image_size=16,
+        head="mlp",
+        dim=8,
+        queue_size=16,
+        momentum=0.99,
+        momentum_schedule="constant",
+        temperature=0.2,
+        bn_splits=2,
+        shuffle_bn=True,
+        symmetric=False,
+        channels_last=False,
+        batch_size=8,
+        lr_reference_batch=256,
+        optimizer={"_target_": "torch.optim.SGD", "lr": 0.1},
+        scheduler={"name": "cosine"},
+    )
+    return MoCo(**{**hparams, **changes})
+
+
+# ------------------------------------------------------------------------------- formats
+@pytest.mark.parametrize("spec_key", ["encoder_spec", "hyper_parameters"])
+def test_pretraining_checkpoint(tmp_path, spec_key):
+    torch.manual_seed(0)
+    model = tiny_moco()
+    with torch.no_grad():  # the query encoder is loaded, not the key encoder
+        for p in model.encoder_k.parameters():
+            p.add_(1.0)
+    for m in model.encoder_q.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+    spec = model.encoder_spec.to_dict() if spec_key == "encoder_spec" else dict(model.hparams)
+    path = tmp_path / "weights.bin"  # the name says nothing
+    torch.save({"state_dict": model.state_dict(), spec_key: spec, "epoch": 3}, path)
+    net = moco.load_backbone(path)
+    assert (net.source_format, net.stem, net.in_channels, net.image_size) == (
+        "pretrain",
+        "small",
+        3,
+        16,
+    )
+    prefix = "encoder_q.backbone."
+    q = {k[len(prefix) :]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    check_features("pretrain (.ckpt)", net, q, torch.randn(4, 3, 16, 16), kernel=3, maxpool=False)
+    assert read_weights(path).head == "mlp"
+
+
+def export_state(in_channels=1) -> dict:
+    net = torchvision_net(in_channels=in_channels, kernel=3, maxpool=True, fc=nn.Identity())
+    return {k: v.contiguous() for k, v in net.state_dict().items()}
+
+
+EXPORT_FACTS = {
+    "architecture": "resnet18",
+    "format": "torchvision",
+    "image_size": 28,
+    "feature_dim": 512,
+    "small_image_stem": True,
+    "in_channels": 1,
+    "conv1_kernel_size": 3,
+    "conv1_stride": 1,
+    "conv1_padding": 1,
+    "has_maxpool": True,
+    "stem_changes": ["model.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1)"],
+}
+
+
+def test_export_with_its_json_and_without(tmp_path):
+    torch.manual_seed(1)
+    state, images = export_state(), torch.randn(3, 1, 28, 28)
+    path = tmp_path / "last_backbone.pth"
+    torch.save(state, path)
+    (tmp_path / "last_backbone.pth.json").write_text(json.dumps(EXPORT_FACTS))
+    net = moco.load_backbone(path)
+    assert (net.source_format, net.stem, net.in_channels, net.image_size) == (
+        "export",
+        "small_pool",
+        1,
+        28,
+    )
+    check_features("export (.pth + .json)", net, state, images, kernel=3, maxpool=True)
+    # Without its JSON the same file is plain torchvision weights: the max-pool is not known.
+    (tmp_path / "last_backbone.pth.json").unlink()
+    bare = moco.load_backbone(path)
+    assert (bare.source_format, bare.stem, bare.image_size) == ("torchvision", "small", None)
+    with torch.no_grad():
+        assert bare(images).shape == (3, 512) and not torch.allclose(bare(images), net(images))
+    told = moco.load_backbone(path, stem="small_pool", image_size=28)
+    check_features("torchvision 3x3 (told)", told, state, images, kernel=3, maxpool=True)
+    with pytest.raises(DataError, match="holds a small stem, not stem=imagenet"):
+        moco.load_backbone(path, stem="imagenet")
+
+
+def test_safetensors_export_reads_its_metadata(tmp_path):
+    torch.manual_seed(2)
+    state = export_state()
+    header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in EXPORT_FACTS.items()}
+    path = tmp_path / "backbone.pth"  # a misleading name: the content decides
+    save_file(state, path, metadata={**header, "format": "safetensors"})
+    net = moco.load_backbone(path)
+    assert (net.source_format, net.stem, net.image_size) == ("safetensors", "small_pool", 28)
+    check_features("safetensors", net, state, torch.randn(3, 1, 28, 28), kernel=3, maxpool=True)
+    save_file(state, path, metadata={**header, "architecture": "resnet50"})
+    with pytest.raises(DataError, match="metadata say architecture=resnet50 but it holds resnet18"):
+        moco.load_backbone(path)
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_official_moco_v1_v2(tmp_path, head):
+    torch.manual_seed(3)
+    path = tmp_path / "checkpoint_0199.pth.tar"
+    q = official_v1_v2(path, head)
+    net = moco.load_backbone(path, in_channels=3, image_size=32)
+    assert (net.source_format, net.stem, net.in_channels, net.image_size) == (
+        "moco_v1_v2",
+        "imagenet",
+        3,
+        32,
+    )
+    check_features(f"official v1/v2 ({head})", net, q, torch.randn(2, 3, 32, 32))
+    weights = read_weights(path)
+    assert (weights.head, weights.dim, weights.info["epoch"]) == (head, 128, 200)
+    fc = {k[3:]: v for k, v in q.items() if k.startswith("fc.")}
+    assert all(torch.equal(weights.head_state[k], v) for k, v in fc.items())
+    with pytest.raises(DataError, match="holds 3-channel weights, not 1"):
+        moco.load_backbone(path, in_channels=1)
+
+
+def test_official_moco_v3(tmp_path):
+    torch.manual_seed(4)
+    projector = nn.Sequential(
+        nn.Linear(512, 64),
+        nn.BatchNorm1d(64),
+        nn.ReLU(),
+        nn.Linear(64, 32),
+        nn.BatchNorm1d(32, affine=False),
+    )
+    base = torchvision_net(fc=projector).state_dict()
+    predictor = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 32))
+    state = {
+        **prefixed("module.base_encoder.", base),
+        **prefixed("module.momentum_encoder.", {k: v + 1 for k, v in base.items()}),
+        **prefixed("module.predictor.", predictor.state_dict()),
+    }
+    path = tmp_path / "r-50-300ep.pth.tar"
+    torch.save({"epoch": 300, "arch": "resnet18", "state_dict": state, "optimizer": {}}, path)
+    net = moco.load_backbone(path, image_size=32)
+    assert (net.source_format, net.stem) == ("moco_v3", "imagenet")
+    check_features("official v3", net, base, torch.randn(2, 3, 32, 32))
+    assert read_weights(path).head is None  # the projector is not a MoCo head
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_plain_torchvision_state_dict(tmp_path, arch):
+    torch.manual_seed(5)
+    state = torchvision_net(arch).state_dict()  # with its 1000-class fc
+    path = tmp_path / "model"
+    torch.save(state, path)
+    net = moco.load_backbone(path)
+    assert (net.source_format, net.architecture, net.stem) == ("torchvision", arch, "imagenet")
+    assert net.feature_dim == {"resnet18": 512, "resnet50": 2048}[arch]
+    check_features(f"torchvision {arch}", net, state, torch.randn(2, 3, 32, 32), arch=arch)
+
+
+# ------------------------------------------------------------------------------ refusals
+def test_unknown_files_are_refused_with_one_line_naming_the_formats(tmp_path):
+    cases = {
+        "other_keys.pt": {"model": {"w": torch.zeros(2)}, "step": 3},
+        "no_resnet.pt": {"weight": torch.zeros(3, 3), "bias": torch.zeros(3)},
+        "other_state.pt": {"state_dict": {"model.fc.weight": torch.zeros(2, 2)}},
+    }
+    for name, content in cases.items():
+        torch.save(content, tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not weights\n")
+    for name in [*cases, "notes.txt"]:
+        with pytest.raises(DataError) as error:
+            moco.load_backbone(tmp_path / name)
+        message = str(error.value)
+        assert "\n" not in message and "official MoCo v1/v2/v3" in message, message
+        assert "torchvision ResNet-18/50 state dict" in message
+    with pytest.raises(ConfigError, match="does not exist"):
+        moco.load_backbone(tmp_path / "missing.pth")
+
+
+def test_a_malicious_pickle_does_not_run(tmp_path):
+    live = tmp_path / "live"
+    torch.save({"state_dict": Payload(live)}, tmp_path / "live.pth")
+    torch.load(tmp_path / "live.pth", weights_only=False)
+    assert live.exists()  # the payload is real: an unsafe load runs it
+
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": Payload(marker), "arch": "resnet50"}, tmp_path / "evil.pth.tar")
+    with pytest.raises(DataError, match="would execute code.*known formats"):
+        moco.load_backbone(tmp_path / "evil.pth.tar")
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------ evaluation
+def test_the_eval_source_takes_official_files_at_the_datas_geometry(tmp_path):
+    torch.manual_seed(6)
+    path = tmp_path / "moco_v1.pth.tar"
+    official_v1_v2(path, "linear")
+    loaded = load_encoder(str(path), DATA, None)
+    assert loaded.data_cfg.image_size == 32 and loaded.info["format"] == "moco_v1_v2"
+    assert FrozenFeatures(loaded.encoder, "head")(torch.randn(2, 3, 32, 32)).shape == (2, 128)
+    with pytest.raises(ConfigError, match="3-channel images but data=synthetic has 1"):
+        load_encoder(str(path), OmegaConf.merge(DATA, {"channels": 1}), None)
+    torch.save(torchvision_net().state_dict(), tmp_path / "tv.pth")
+    plain = load_encoder(str(tmp_path / "tv.pth"), DATA, None)
+    assert plain.encoder.head is None
+    with pytest.raises(ConfigError, match="no MoCo projection head.*features.layer=backbone"):
+        FrozenFeatures(plain.encoder, "head")
+
+
+def run_script(script: str, run_dir: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / f"{script}.py"),
+            *overrides,
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.slow  # two interpreters at once, ~15 s on 2 cores
+def test_knn_eval_script_on_official_files(tmp_path):
+    torch.manual_seed(7)
+    v1 = tmp_path / "moco_v1.pth.tar"
+    official_v1_v2(v1, "linear")
+    tv = tmp_path / "resnet18.pth"
+    torch.save(torchvision_net().state_dict(), tv)
+    data = ["data=synthetic", "data.num_train=40", "data.num_test=20", "features.progress=false"]
+    good = run_script(
+        "knn_eval", tmp_path / "good", f"checkpoint={v1}", *data, "knn.ks=[5]", "knn.report.k=5"
+    )
+    head = run_script(
+        "knn_eval", tmp_path / "head", f"checkpoint={tv}", *data, "features.layer=head"
+    )
+    out, err = good.communicate(timeout=300)
+    assert good.returncode == 0, err[-3000:]
+    summary = json.loads((tmp_path / "good" / "knn.json").read_text())
+    assert (summary["format"], summary["feature_dim"], summary["image_size"]) == (
+        "moco_v1_v2",
+        512,
+        32,
+    )
+    _, err = head.communicate(timeout=300)
+    assert head.returncode == 2 and err.count("\n") == 1, err[-3000:]
+    assert err.startswith("error: the checkpoint holds no MoCo projection head")
+    assert not (tmp_path / "head").exists()
+
+
+# ---------------------------------------------------------------------------- init=
+def test_init_copies_the_backbone_into_both_encoders_and_the_head_when_it_fits(tmp_path):
+    torch.manual_seed(8)
+    path = tmp_path / "moco_v1.pth.tar"
+    q = official_v1_v2(path, "linear")
+    fits = tiny_moco(image_size=32, stem="imagenet", head="linear", dim=128)
+    line = warm_start(fits, str(path))
+    assert line == (
+        f"Initialised encoder_q and encoder_k from {path} (moco_v1_v2): resnet18 backbone and "
+        "linear head"
+    )
+    for encoder in (fits.encoder_q, fits.encoder_k):
+        for k, v in encoder.backbone.state_dict().items():
+            assert torch.equal(v, q[k]), k
+        assert torch.equal(encoder.head.weight, q["fc.weight"])
+
+    other_head = tiny_moco(image_size=32, stem="imagenet", head="mlp", dim=8)
+    before = {k: v.clone() for k, v in other_head.encoder_q.head.state_dict().items()}
+    assert "head kept as initialised" in warm_start(other_head, str(path))
+    assert torch.equal(other_head.encoder_k.backbone.conv1.weight, q["conv1.weight"])
+    for k, v in other_head.encoder_q.head.state_dict().items():
+        assert torch.equal(v, before[k])
+
+    with pytest.raises(DataError, match=r"^init=.* does not fit the configured backbone") as e:
+        warm_start(tiny_moco(), str(path))  # 16 px: the small stem's 3x3 conv1
+    assert "\n" not in str(e.value)
+
+
+def test_pretrain_starts_from_init_on_a_fresh_start(tiny_cfg, tmp_path, capsys):
+    torch.manual_seed(9)
+    state = torchvision_net(kernel=3, maxpool=False).state_dict()
+    path = tmp_path / "resnet18_small.pth"
+    torch.save(state, path)
+    cfg = tiny_cfg(
+        "trainer.max_steps=1",
+        "eval.enabled=false",
+        "optimizer.lr=1e-12",  # the one step leaves the weights where init put them
+        "+trainer.enable_progress_bar=false",
+        f"init={path}",
+    )
+    last = pretrain(cfg, tmp_path / "run")
+    assert (
+        f"Initialised encoder_q and encoder_k from {path} (torchvision)" in capsys.readouterr().out
+    )
+    saved = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    for name in ("encoder_q", "encoder_k"):
+        conv1 = saved[f"{name}.backbone.conv1.weight"]
+        assert torch.allclose(conv1, state["conv1.weight"], atol=1e-6)
+    # Resuming: the run's own weights, not the init file's.
+    pretrain(with_values(cfg, "trainer.max_steps=2"), tmp_path / "run")
+    out = capsys.readouterr().out
+    assert "Resuming from" in out and "Initialised" not in out
