@@ -34,8 +34,8 @@ from moco.errors import ConfigError, DataError
 
 KNOWN = (
     "known formats: a scripts/pretrain.py checkpoint, a scripts/export.py export (.pth with its "
-    ".json, or .safetensors), an official MoCo v1/v2/v3 checkpoint, a torchvision ResNet-18/50 "
-    "state dict"
+    ".json, or .safetensors), an official MoCo v1/v2 or v3 ResNet checkpoint, a torchvision "
+    "ResNet-18/50 state dict"
 )
 KERNEL_OF_STEM = {"small": 3, "small_pool": 3, "imagenet": 7}  # conv1's kernel size
 
@@ -98,7 +98,7 @@ def read_weights(path, *, in_channels=None, image_size=None, stem=None, hint=KNO
         weights = _recognise(load_weights_only(path, hint=hint), path)
     if in_channels is not None and in_channels != weights.in_channels:
         raise DataError(f"{path} holds {weights.in_channels}-channel weights, not {in_channels}")
-    if stem is not None and stem != weights.stem:
+    if stem is not None and stem != "auto" and stem != weights.stem:
         if weights.stem_said or KERNEL_OF_STEM.get(stem) != KERNEL_OF_STEM[weights.stem]:
             raise DataError(f"{path} holds a {weights.stem} stem, not stem={stem}")
         weights = replace(weights, stem=stem)
@@ -114,15 +114,21 @@ def _recognise(obj, path: Path) -> Weights:
         _refuse(path, f"it holds a {type(obj).__name__}")
     state = obj.get("state_dict")
     if isinstance(state, dict):
+        if "encoder_spec" in obj or "hyper_parameters" in obj:  # written by pretrain.py
+            return _pretrain(check_moco_checkpoint(obj, path), path)
+        _refuse_other_architectures(obj.get("arch"), path)
+        # DistributedDataParallel's module. prefix, or the same files saved without it.
+        state = _without_module_prefix(state)
         keys = [str(k) for k in state]
         if any(k.startswith("encoder_q.") for k in keys):
-            return _pretrain(check_moco_checkpoint(obj, path), path)
-        if any(k.startswith("module.encoder_q.") for k in keys):
-            return _official(obj, path, "module.encoder_q.", "moco_v1_v2")
-        if any(k.startswith("module.base_encoder.") for k in keys):
-            return _official(obj, path, "module.base_encoder.", "moco_v3")
+            return _official(obj, state, path, "encoder_q.", "moco_v1_v2")
+        if any(k.startswith("base_encoder.") for k in keys):
+            return _official(obj, state, path, "base_encoder.", "moco_v3")
+        if _all_tensors(state):  # a classifier's checkpoint (main_lincls.py): torchvision names
+            return _from_resnet(state, path, "torchvision", {})
         _refuse(path, "its state_dict has no encoder_q, module.encoder_q or module.base_encoder")
-    if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+    if _all_tensors(obj):
+        obj = _without_module_prefix(obj)
         sidecar = path.with_name(path.name + ".json")
         if sidecar.is_file():
             return _from_resnet(obj, path, "export", _read_json(sidecar))
@@ -148,12 +154,31 @@ def _pretrain(checkpoint: dict, path: Path) -> Weights:
     )
 
 
-def _official(checkpoint: dict, path: Path, prefix: str, fmt: str) -> Weights:
+def _all_tensors(obj: dict) -> bool:
+    return bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def _without_module_prefix(state: dict) -> dict:
+    """``state`` without the ``module.`` that DistributedDataParallel puts before every key."""
+    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
+        return {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def _refuse_other_architectures(arch, path: Path) -> None:
+    """Official files name their architecture: a ViT (moco-v3) is no ResNet to rebuild."""
+    if isinstance(arch, str) and arch not in BACKBONES:
+        raise DataError(
+            f"{path} holds a {arch} model: only ResNet weights ({', '.join(BACKBONES)}) are read"
+        )
+
+
+def _official(checkpoint: dict, state: dict, path: Path, prefix: str, fmt: str) -> Weights:
     """facebookresearch/moco (v1/v2: ``fc`` is the MoCo head) or moco-v3 (``fc`` is the
-    projector, dropped) as main_moco.py saves them, with DistributedDataParallel's prefix."""
-    state = {
-        k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
-    }
+    projector, dropped) as main_moco.py saves them (``module.`` already taken off)."""
+    state = {k[len(prefix) :]: v for k, v in state.items() if str(k).startswith(prefix)}
     weights = _from_resnet(state, path, fmt, {})
     arch = checkpoint.get("arch")
     if arch in BACKBONES and arch != weights.architecture:
@@ -189,6 +214,9 @@ def _from_resnet(state: dict, path: Path, fmt: str, facts: dict) -> Weights:
     """torchvision-named weights (``fc.*`` dropped: a classifier or a projector) and stem
     ``facts`` (an export's JSON or safetensors metadata; empty: guessed from conv1)."""
     backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    # Older torchvision files have no BatchNorm step counters; BatchNorm starts them at 0.
+    for name in [k[: -len("running_mean")] for k in backbone if k.endswith(".running_mean")]:
+        backbone.setdefault(f"{name}num_batches_tracked", torch.tensor(0))
     found = [name for name in BACKBONES if _stock_resnet(name)[0] == set(backbone)]
     conv1 = backbone.get("conv1.weight")
     if not found or conv1 is None or conv1.dim() != 4:
@@ -231,8 +259,11 @@ def _read_json(path: Path) -> dict:
 def _is_safetensors(path: Path) -> bool:
     """A safetensors file starts with its header's length (8 bytes, little-endian) and the
     header, a JSON object."""
-    with path.open("rb") as f:
-        head = f.read(9)
+    try:
+        with path.open("rb") as f:
+            head = f.read(9)
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read ({exc.strerror or exc})") from None
     size = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
     return head[8:9] == b"{" and 2 <= size <= path.stat().st_size - 8
 

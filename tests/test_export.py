@@ -277,7 +277,8 @@ def test_main_lincls_loads_the_moco_export_and_the_official_moco_model_is_ours(t
     assert largest_difference(lincls, model.encoder_q.backbone, images) <= 1e-5
 
     saved = torch.load(path, weights_only=True)
-    assert (saved["epoch"], saved["arch"], saved["optimizer"]) == (1, "resnet18", {})
+    # main_moco.py saves the epochs finished: Lightning's epoch 1 (from 0) is the second.
+    assert (saved["epoch"], saved["arch"], saved["optimizer"]) == (2, "resnet18", {})
     weights = saved["state_dict"]
     assert weights["module.queue"].shape == (16, 64)  # dim x K
     assert torch.equal(weights["module.queue"], model.queue.keys.t())

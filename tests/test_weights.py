@@ -288,7 +288,7 @@ def test_unknown_files_are_refused_with_one_line_naming_the_formats(tmp_path):
         with pytest.raises(DataError) as error:
             moco.load_backbone(tmp_path / name)
         message = str(error.value)
-        assert "\n" not in message and "official MoCo v1/v2/v3" in message, message
+        assert "\n" not in message and "official MoCo v1/v2 or v3" in message, message
         assert "torchvision ResNet-18/50 state dict" in message
     with pytest.raises(ConfigError, match="does not exist"):
         moco.load_backbone(tmp_path / "missing.pth")
@@ -420,3 +420,69 @@ def test_pretrain_starts_from_init_on_a_fresh_start(tiny_cfg, tmp_path, capsys):
     pretrain(with_values(cfg, "trainer.max_steps=2"), tmp_path / "run")
     out = capsys.readouterr().out
     assert "Resuming from" in out and "Initialised" not in out
+
+
+# ------------------------------------------------------------------ layouts met in the wild
+def test_official_files_saved_without_ddp_and_resnet50(tmp_path):
+    """main_moco.py without DistributedDataParallel (no module. prefix), and a ResNet-50 file."""
+    torch.manual_seed(6)
+    path = tmp_path / "ddp.pth.tar"
+    q = official_v1_v2(path, "mlp", arch="resnet50")
+    images = torch.randn(2, 3, 32, 32)
+    check_features("official v2 resnet50", moco.load_backbone(path), q, images, arch="resnet50")
+    saved = torch.load(path, weights_only=True)
+    plain = {k[len("module.") :]: v for k, v in saved["state_dict"].items()}
+    torch.save({**saved, "state_dict": plain}, tmp_path / "single.pth.tar")
+    net = moco.load_backbone(tmp_path / "single.pth.tar")
+    assert (net.source_format, net.architecture) == ("moco_v1_v2", "resnet50")
+    check_features("official v2, no module.", net, q, images, arch="resnet50")
+
+
+def test_a_linear_classifier_checkpoint_and_old_torchvision_files(tmp_path):
+    """main_lincls.py saves {"state_dict": {"module.conv1.weight", ...}}; older torchvision files
+    have no BatchNorm step counters."""
+    torch.manual_seed(7)
+    state = torchvision_net().state_dict()
+    torch.save({"arch": "resnet18", "state_dict": prefixed("module.", state)}, tmp_path / "lin")
+    check_features(
+        "main_lincls", moco.load_backbone(tmp_path / "lin"), state, torch.randn(2, 3, 32, 32)
+    )
+    old = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "old.pth")
+    check_features(
+        "torchvision, old",
+        moco.load_backbone(tmp_path / "old.pth"),
+        state,
+        torch.randn(2, 3, 32, 32),
+    )
+
+
+def test_a_vit_checkpoint_is_refused_by_its_architecture(tmp_path):
+    state = {"module.base_encoder.patch_embed.proj.weight": torch.zeros(8, 3, 4, 4)}
+    torch.save({"arch": "vit_small", "state_dict": state}, tmp_path / "vit.pth.tar")
+    with pytest.raises(DataError, match="holds a vit_small model: only ResNet weights"):
+        moco.load_backbone(tmp_path / "vit.pth.tar")
+
+
+@pytest.mark.parametrize("stem", ["small", "small_pool", "imagenet"])
+def test_a_real_export_reads_back_with_its_stem(tmp_path, stem):
+    """The facts scripts/export.py writes, read back by load_backbone: no hand-made JSON."""
+    from moco.run.export import export_backbone
+
+    torch.manual_seed(8)
+    model = tiny_moco(in_channels=1, image_size=16, stem=stem)
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    model.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    images = torch.randn(2, 1, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        want = model.encoder_q.backbone(images)
+    for fmt in ("torchvision", "safetensors"):
+        path, _ = export_backbone(tmp_path / "last.ckpt", fmt)
+        net = moco.load_backbone(path)
+        assert (net.stem, net.in_channels, net.image_size) == (stem, 1, 16)
+        with torch.no_grad():
+            diff = (net(images) - want).abs().max().item()
+        DIFFS[f"export {fmt} ({stem})"] = diff
+        assert diff < 1e-5

@@ -1,11 +1,13 @@
 """The layouts of the other tools: the official MoCo checkpoint and detectron2's pickle.
 
-``format=moco`` writes what facebookresearch/moco ``main_moco.py`` saves, ``{"epoch", "arch",
-"state_dict", "optimizer"}``, with the query and key encoders under ``module.encoder_q.`` and
-``module.encoder_k.`` (torchvision ResNet names, the projection head as torchvision's ``fc``:
-``fc.weight`` for the linear head of v1, ``fc.0.*`` / ``fc.2.*`` for the MLP of v2) and the
-queue as ``module.queue`` (dim x K) and ``module.queue_ptr``. Its ``main_lincls.py
---pretrained`` and ``detection/convert-pretrain-to-detectron2.py`` read it unchanged.
+``format=moco`` writes the layout of what facebookresearch/moco ``main_moco.py`` saves,
+``{"epoch", "arch", "state_dict", "optimizer"}``, with the query and key encoders under
+``module.encoder_q.`` and ``module.encoder_k.`` (torchvision ResNet names, the projection head as
+torchvision's ``fc``: ``fc.weight`` for the linear head of v1, ``fc.0.*`` / ``fc.2.*`` for the
+MLP of v2) and the queue as ``module.queue`` (dim x K) and ``module.queue_ptr``. Its
+``main_lincls.py --pretrained`` and ``detection/convert-pretrain-to-detectron2.py`` read it
+unchanged. The optimizer state is left empty: those read the weights only, and a
+``main_moco.py --resume`` cannot continue from it.
 
 ``format=detectron2`` writes what that conversion script writes from such a file.
 
@@ -46,13 +48,15 @@ DETECTRON2_RENAMES = (
     ("downsample.1", "shortcut.norm"),
 )
 USAGE = {  # how to load it, printed by scripts/export.py (.format(arch=..., path=...))
-    "torchvision": "torchvision.models.{arch}().load_state_dict(torch.load('{path}'), "
-    "strict=False)",
+    "torchvision": "torchvision.models.{arch}().load_state_dict(torch.load('{path}', "
+    "weights_only=True), strict=False)",
     "safetensors": "torchvision.models.{arch}().load_state_dict("
     "safetensors.torch.load_file('{path}'), strict=False)",
     "moco": "python main_lincls.py -a {arch} --pretrained {path} ... (facebookresearch/moco)",
-    "detectron2": "MODEL.WEIGHTS {path}, MODEL.RESNETS.DEPTH 50 (resnet18: DEPTH 18 and "
-    "RES2_OUT_CHANNELS 64), INPUT.FORMAT RGB, PIXEL_MEAN/STD of pretraining x 255",
+    "detectron2": "MODEL.WEIGHTS {path}, MODEL.RESNETS.STRIDE_IN_1X1 False (torchvision's "
+    "stride), INPUT.FORMAT RGB, PIXEL_MEAN/STD of pretraining x 255; resnet50 for MoCo's R50 "
+    "configs, resnet18 only with an FPN config (DEPTH 18, RES2_OUT_CHANNELS 64); NumPy 2 wrote "
+    "the pickle",
 }
 
 
@@ -105,7 +109,9 @@ def moco_checkpoint(state_dict: dict, encoder: nn.Module, arch: str, epoch, path
         # ours is K x dim (a key per row), main_moco.py's dim x K (a key per column)
         out["module.queue"] = state_dict[QUEUE_KEYS].t().contiguous()
         out["module.queue_ptr"] = state_dict[QUEUE_PTR].reshape(1).long()
-    return {"epoch": int(epoch or 0), "arch": arch, "state_dict": out, "optimizer": {}}
+    # Lightning counts epochs from 0 in its checkpoints; main_moco.py saves the epochs finished.
+    finished = 0 if epoch is None else int(epoch) + 1
+    return {"epoch": finished, "arch": arch, "state_dict": out, "optimizer": {}}
 
 
 def moco_contents(moco_state_dict: dict) -> list[str]:
