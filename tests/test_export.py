@@ -193,17 +193,39 @@ def test_export_script_writes_safetensors_next_to_the_checkpoint(trained, tmp_pa
     }
 
 
-def test_exporting_a_plain_torchvision_state_dict_is_one_line_exit_2(tmp_path):
-    # A likely mix-up: the torchvision weights themselves instead of a pretraining checkpoint.
-    path = tmp_path / "resnet18.pth"
-    torch.save(torchvision.models.resnet18().state_dict(), path)
-    proc = run_export(f"checkpoint={path}", run_dir=tmp_path / "run")
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert (
-        proc.stderr == f"error: {path} holds bare weights (a state dict), not a pretraining "
-        "checkpoint with its settings: use a checkpoint as scripts/pretrain.py wrote it\n"
+def test_other_formats_are_converted_torchvision_weights_and_official_moco(tmp_path):
+    """Any file moco.weights reads is exported: torchvision weights to safetensors, an official
+    MoCo v2 checkpoint to detectron2 (its query encoder, head included as the script keeps it)."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18()
+    torch.save(net.state_dict(), tmp_path / "resnet18.pth")
+    proc = run_export(
+        f"checkpoint={tmp_path / 'resnet18.pth'}", "format=safetensors", run_dir=tmp_path / "run"
     )
-    assert not (tmp_path / "run").exists() and sorted(tmp_path.iterdir()) == [path]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = load_file(tmp_path / "resnet18_backbone.safetensors")
+    assert set(exported) == {k for k in net.state_dict() if not k.startswith("fc.")}
+    assert all(torch.equal(exported[k], net.state_dict()[k]) for k in exported)
+    meta = json.loads((tmp_path / "resnet18_backbone.safetensors.json").read_text())
+    assert (meta["source_format"], meta["architecture"], meta["stem_changes"]) == (
+        "torchvision",
+        "resnet18",
+        [],
+    )
+
+    mlp = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 128))
+    q = torchvision.models.resnet18()
+    q.fc = mlp
+    state = {f"module.encoder_q.{k}": v for k, v in q.state_dict().items()}
+    official = tmp_path / "checkpoint_0199.pth.tar"
+    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state, "optimizer": {}}, official)
+    path, meta = export_backbone(official, "detectron2")
+    model = pickle.loads(path.read_bytes())["model"]
+    assert meta["source_format"] == "moco_v1_v2"
+    assert torch.equal(torch.from_numpy(model["stem.conv1.weight"]), q.conv1.weight)
+    assert torch.equal(torch.from_numpy(model["res5.1.conv2.norm.running_var"]),
+                       q.layer4[1].bn2.running_var)  # fmt: skip
+    assert torch.equal(torch.from_numpy(model["stem.fc.2.weight"]), mlp[2].weight)
 
 
 def test_exporting_a_lightning_checkpoint_of_another_model_is_refused(tmp_path):

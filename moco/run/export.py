@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moco.checkpoint import encoder_spec, query_encoder, read_moco_checkpoint, sha256
+from moco.checkpoint import query_encoder, read_moco_checkpoint, sha256
 from moco.errors import ConfigError, DataError
 from moco.run.export_formats import (
     FORMATS,
@@ -30,6 +30,7 @@ from moco.run.export_formats import (
     moco_contents,
     refuse_unless_stock_stem,
 )
+from moco.weights import read_weights
 
 
 def backbone_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
@@ -78,9 +79,11 @@ def metadata_path(output: Path) -> Path:
 def export_backbone(
     checkpoint: Path | str, fmt: str, output: Path | str | None = None
 ) -> tuple[Path, dict]:
-    """Write the query backbone of a MoCo ``checkpoint`` in format ``fmt`` to ``output`` (or
+    """Write the query backbone of ``checkpoint`` in format ``fmt`` to ``output`` (or
     ``default_output``) plus its metadata JSON. Returns the export path and the metadata.
-    ``fmt=moco`` writes the whole official MoCo checkpoint (both encoders and the queue)."""
+    ``checkpoint`` is any file moco.weights reads, so this also converts between formats.
+    ``fmt=moco`` of a pretraining checkpoint writes the whole official MoCo checkpoint (both
+    encoders and the queue); of another file, the query encoder it holds."""
     fmt = str(fmt)  # the schema's enum member, or a plain string
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt} is unknown: use one of {list(FORMATS)}")
@@ -95,22 +98,26 @@ def export_backbone(
     if checkpoint.exists() and checkpoint.resolve() in (output.resolve(), meta_file.resolve()):
         raise ConfigError(f"output={output} would overwrite the checkpoint: choose another path")
 
-    ckpt = read_moco_checkpoint(checkpoint)
-    spec = encoder_spec(ckpt)
-    encoder = query_encoder(ckpt, checkpoint)
+    weights = read_weights(checkpoint)  # any format moco.weights knows: a conversion
+    if weights.format == "pretrain":  # the whole run: key encoder and queue too
+        ckpt = read_moco_checkpoint(checkpoint)
+        encoder, state = query_encoder(ckpt, checkpoint), ckpt["state_dict"]
+    else:  # the query encoder only (the backbone, and the head where the file has one)
+        encoder, state, ckpt = weights.encoder(), {}, weights.info
     backbone = encoder.backbone
     facts = stem_facts(backbone)
     refuse_unless_stock_stem(fmt, facts)
     if fmt in ("moco", "detectron2"):
         payload = moco_checkpoint(
-            ckpt["state_dict"], encoder, spec.backbone, ckpt.get("epoch"), checkpoint
+            state, encoder, weights.architecture, ckpt.get("epoch"), checkpoint
         )
     else:
         payload = backbone_state_dict(backbone)
     meta = {
-        "architecture": spec.backbone,  # torchvision.models.<architecture>()
+        "architecture": weights.architecture,  # torchvision.models.<architecture>()
         "format": fmt,
-        "image_size": spec.image_size,
+        "source_format": weights.format,
+        "image_size": weights.image_size,
         "feature_dim": backbone.feature_dim,
         **facts,
         "missing_on_load": ["fc.weight", "fc.bias"],  # the classifier is not part of pretraining
