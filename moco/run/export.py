@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moco.checkpoint import query_encoder, read_moco_checkpoint, sha256
+from moco.checkpoint import FROM_PRETRAIN, query_encoder, read_moco_checkpoint, sha256
 from moco.errors import ConfigError, DataError
 from moco.run.export_formats import (
     FORMATS,
@@ -98,7 +98,9 @@ def export_backbone(
     if checkpoint.exists() and checkpoint.resolve() in (output.resolve(), meta_file.resolve()):
         raise ConfigError(f"output={output} would overwrite the checkpoint: choose another path")
 
-    weights = read_weights(checkpoint)  # any format moco.weights knows: a conversion
+    # Any format moco.weights knows (a conversion); a file torch cannot read safely gets the
+    # same hint as in the eval scripts.
+    weights = read_weights(checkpoint, hint=FROM_PRETRAIN)
     if weights.format == "pretrain":  # the whole run: key encoder and queue too
         ckpt = read_moco_checkpoint(checkpoint)
         encoder, state = query_encoder(ckpt, checkpoint), ckpt["state_dict"]
