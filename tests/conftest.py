@@ -103,3 +103,30 @@ def tiny_moco(tiny_cfg):
         return hydra.utils.instantiate(cfg.model), cfg
 
     return make
+
+
+def moco_hparams(**changes) -> dict:
+    """Constructor arguments of a tiny MoCo built without Hydra (16 px RGB, small stem),
+    ``changes`` applied."""
+    return (
+        dict(
+            backbone="resnet18",
+            in_channels=3,
+            image_size=16,
+            head="mlp",
+            dim=8,
+            queue_size=16,
+            momentum=0.99,
+            momentum_schedule="constant",
+            temperature=0.2,
+            bn_splits=2,
+            shuffle_bn=True,
+            symmetric=False,
+            channels_last=False,
+            batch_size=8,
+            lr_reference_batch=256,
+            optimizer={"_target_": "torch.optim.SGD", "lr": 0.1},
+            scheduler={"name": "cosine"},
+        )
+        | changes
+    )

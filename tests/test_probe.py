@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import moco_hparams
 from omegaconf import OmegaConf
 
 from moco import MoCo
@@ -133,28 +134,6 @@ def test_frozen_check_fires_on_moved_batchnorm_statistics():
 # --------------------------------------------------------------------------- checkpoints
 DATA = OmegaConf.create({"name": "synthetic", "channels": 3, "image_size": 32})
 RANDOM = EncoderSpec("resnet18", "auto", 3, 32, "mlp", 8)
-
-
-def moco_hparams():
-    return dict(
-        backbone="resnet18",
-        in_channels=3,
-        image_size=16,
-        head="mlp",
-        dim=8,
-        queue_size=16,
-        momentum=0.99,
-        momentum_schedule="constant",
-        temperature=0.2,
-        bn_splits=2,
-        shuffle_bn=True,
-        symmetric=False,
-        channels_last=False,
-        batch_size=8,
-        lr_reference_batch=256,
-        optimizer={"_target_": "torch.optim.SGD", "lr": 0.1},
-        scheduler={"name": "cosine"},
-    )
 
 
 def test_checkpoint_loads_query_encoder_and_takes_its_geometry(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import with_values
+from conftest import moco_hparams, with_values
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import nn
@@ -108,26 +108,7 @@ def official_v1_v2(path: Path, head: str, arch: str = "resnet18") -> dict:
 
 
 def tiny_moco(**changes) -> MoCo:
-    hparams = dict(
-        backbone="resnet18",
-        in_channels=3,
-        image_size=16,
-        head="mlp",
-        dim=8,
-        queue_size=16,
-        momentum=0.99,
-        momentum_schedule="constant",
-        temperature=0.2,
-        bn_splits=2,
-        shuffle_bn=True,
-        symmetric=False,
-        channels_last=False,
-        batch_size=8,
-        lr_reference_batch=256,
-        optimizer={"_target_": "torch.optim.SGD", "lr": 0.1},
-        scheduler={"name": "cosine"},
-    )
-    return MoCo(**{**hparams, **changes})
+    return MoCo(**moco_hparams(**changes))
 
 
 # ------------------------------------------------------------------------------- formats
