@@ -7,9 +7,10 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from moco.distributed import all_ranks, encode_shuffled, gather, world_size
+from moco.distributed import encode_shuffled, gather, world_size
+from moco.divergence import DivergenceGuard, refuse_non_finite_weights
 from moco.encoders import EncoderSpec
-from moco.errors import ConfigError, TrainingDiverged
+from moco.errors import ConfigError
 from moco.losses import contrastive_top1, info_nce
 from moco.momentum import cosine_momentum, momentum_update
 from moco.optim.scheduled import lightning_optimizer
@@ -74,6 +75,7 @@ class MoCo(pl.LightningModule):
         self.encoder_k = copy.deepcopy(self.encoder_q)
         self.encoder_k.requires_grad_(False)
         self.queue = KeyQueue(hp.queue_size, hp.dim)
+        self.divergence = DivergenceGuard()
 
     # ----------------------------------------------------------------------------- training
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -93,34 +95,23 @@ class MoCo(pl.LightningModule):
         # Every rank enqueues the keys of the whole global batch, in rank order, so the queues
         # stay identical across ranks and the pointer advances by the global batch.
         self.queue.enqueue(gather(keys))
-        self._stop_if_not_finite(loss)
+        self.divergence.observe(loss, self.global_step, self.current_epoch)
 
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         self.log("train/top1", contrastive_top1(logits), prog_bar=True, on_step=True, on_epoch=True)
         return loss
 
-    def _stop_if_not_finite(self, loss: torch.Tensor) -> None:
-        # Before backward: the weights are still finite, so the last checkpoint stays usable.
-        # Every rank takes part in the check, so that all of them stop, not just one.
-        finite_here = bool(torch.isfinite(loss.detach()))
-        if not all_ranks(finite_here, self.device):
-            value = loss.item() if not finite_here else "NaN or inf on another process"
-            raise TrainingDiverged(
-                f"the loss became {value} at step {self.global_step}, epoch "
-                f"{self.current_epoch}: lower optimizer.lr or set scheduler.warmup_epochs, then "
-                "resume from the last checkpoint"
-            )
+    # A NaN or inf loss stops the run, naming its first step; no checkpoint is written after it.
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.divergence.after_batch(self.trainer)
+
+    def on_train_end(self) -> None:
+        self.divergence.check()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["encoder_spec"] = self.encoder_spec.to_dict()
-        # Refuse to write weights that cannot be trained or evaluated any more.
-        for name, tensor in checkpoint["state_dict"].items():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise TrainingDiverged(
-                    f"{name} holds NaN or inf at step {self.global_step}, epoch "
-                    f"{self.current_epoch}; no checkpoint written: lower optimizer.lr and "
-                    "resume from the last checkpoint"
-                )
+        self.divergence.check()
+        refuse_non_finite_weights(checkpoint["state_dict"], self.global_step, self.current_epoch)
 
     def contrast(self, im_q, im_k, negatives):
         """InfoNCE of queries from ``im_q`` against keys from ``im_k``; also returns the keys."""
