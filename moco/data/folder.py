@@ -1,6 +1,6 @@
 """Image folders read lazily, file by file, that survive the odd undecodable image.
 
-A bad file is skipped with a warning (and counted at exit) rather than ending the run: decoding
+A bad file is skipped with a warning (and counted at the end) rather than ending the run: decoding
 happens in data-loader workers, so a truncated JPEG would otherwise surface hours into an
 ImageNet epoch. Too many bad files, or a folder of non-images, still stop with one line.
 """
@@ -16,6 +16,7 @@ import torchvision
 import torchvision.transforms.v2.functional
 from torch.utils.data import Dataset
 
+from moco.distributed import gather_objects, rank
 from moco.errors import DataError
 
 
@@ -51,10 +52,14 @@ class TooManyUndecodableImages(DataError):
 _MAX_BAD_FRACTION = 0.01
 _MIN_BAD_LIMIT = 10
 _SAMPLE_SIZE = 16
-# The count at exit (_report_skipped): live image folders, and the bad files of those already
-# garbage-collected (the data module is gone by then), per folder: root -> (images, bad files).
+# The count at the end: live image folders, and the bad files of those already garbage-collected
+# (the data module may be gone by then), per folder: root -> (images, bad files). A pretraining
+# run reports them once for all its processes when training ends (all_ranks_skipped_summaries);
+# whatever is left unreported, after an error or in a script without that report, is reported
+# by each process at exit (_report_skipped), when the other processes can no longer be asked.
 _LIVE_FOLDERS: "weakref.WeakSet[FolderImages]" = weakref.WeakSet()
 _SKIPPED: dict[str, tuple[int, set[str]]] = {}
+_REPORTED: dict[str, set[str]] = {}  # root -> bad files already in a report
 
 
 def _decode_file(path: str, channels: int) -> torch.Tensor:
@@ -167,12 +172,21 @@ def _record_skipped(root: str, samples: list, bad: torch.Tensor, owner_pid: int)
         _SKIPPED.setdefault(root, (len(samples), set()))[1].update(files)
 
 
-def skipped_summaries() -> list[str]:
-    """One line per image folder of this process that had files skipped, so far."""
+def _unreported() -> dict[str, tuple[int, set[str]]]:
+    """This process's bad files not reported yet: root -> (images, bad files)."""
     for dataset in list(_LIVE_FOLDERS):
         _record_skipped(dataset.root, dataset.samples, dataset.bad, dataset.owner_pid)
-    lines = []
+    left = {}
     for root, (total, files) in _SKIPPED.items():
+        new = files - _REPORTED.get(root, set())
+        if new:
+            left[root] = (total, new)
+    return left
+
+
+def _summaries(skipped: dict[str, tuple[int, set[str]]]) -> list[str]:
+    lines = []
+    for root, (total, files) in skipped.items():
         shown = sorted(files)
         listed = ", ".join(shown[:3]) + (", ..." if len(shown) > 3 else "")
         lines.append(
@@ -182,8 +196,34 @@ def skipped_summaries() -> list[str]:
     return lines
 
 
+def skipped_summaries() -> list[str]:
+    """One line per image folder of this process that had files skipped and not reported yet."""
+    return _summaries(_unreported())
+
+
+def all_ranks_skipped_summaries() -> list[str]:
+    """One line per image folder for every process together, on rank 0 ([] on the others);
+    the files in it are then not reported again at exit.
+
+    A collective under DDP: every rank must call it at the same moment, while the process group
+    is still up. Ranks read different shards of a folder (and different ones every epoch), so
+    the bad files are merged as sets: a file met by two ranks counts once.
+    """
+    mine = _unreported()
+    merged: dict[str, tuple[int, set[str]]] = {}
+    for theirs in gather_objects(mine):
+        for root, (total, files) in theirs.items():
+            merged.setdefault(root, (total, set()))[1].update(files)
+    for root, (_, files) in mine.items():
+        _REPORTED.setdefault(root, set()).update(files)
+    return _summaries(merged) if rank() == 0 else []
+
+
 @atexit.register
 def _report_skipped() -> None:
-    """The count at the end of the run (also after an error or Ctrl-C)."""
+    """What no report of all ranks covered: a run stopped by an error or Ctrl-C, or a script
+    that makes no such report. Each process reports its own files: this late, the other
+    processes cannot be asked (Lightning's own exit handler may have destroyed the process
+    group already, and a rank that failed never joins a collective)."""
     for line in skipped_summaries():
         print(line, file=sys.stderr)
