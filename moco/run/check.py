@@ -17,6 +17,7 @@ from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseExceptio
 
 from moco.errors import ConfigError
 from moco.model import queue_too_small
+from moco.run.loggers import check_loggers
 
 PRECISIONS = (
     *("auto", "32", "16", "bf16", "64"),
@@ -93,7 +94,8 @@ def unknown_key(node: DictConfig, prefix: str = "") -> str | None:
     for key, child in node.items_ex(resolve=False):
         if known is not None and key not in known:
             return f"{prefix}{key}"
-        if isinstance(child, DictConfig):
+        # A typed node left null (logger.wandb when W&B is not chosen) has no type and no keys.
+        if isinstance(child, DictConfig) and OmegaConf.get_type(child) is not None:
             found = unknown_key(child, f"{prefix}{key}.")
             if found:
                 return found
@@ -162,6 +164,7 @@ def check_pretrain(cfg: DictConfig) -> None:
         _check_moco(model, data, trainer)
     if cfg.eval.enabled:
         check_knn_monitor(cfg.eval)
+    check_loggers(cfg.logger)  # a tracker's package missing
 
 
 def _check_moco(model: DictConfig, data: DictConfig, trainer: DictConfig) -> None:

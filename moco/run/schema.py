@@ -19,6 +19,7 @@ from moco.eval.features import LAYERS
 from moco.momentum import MOMENTUM_SCHEDULES
 from moco.optim.schedules import SCHEDULES
 from moco.run.hardware import MALLOC_MODES
+from moco.run.logger_schema import LoggerConfig
 
 
 class Choice(str, Enum):
@@ -240,6 +241,7 @@ class PretrainConfig:
     optimizer: Any = MISSING  # one of the optimizer schemas, typed by its group option
     scheduler: SchedulerConfig = MISSING
     trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # logger=csv sets no key
     eval: KnnMonitorConfig = MISSING
     seed: int = MISSING
     malloc: Malloc = MISSING

@@ -7,7 +7,6 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from moco.data import PretrainDataModule
@@ -22,19 +21,9 @@ from moco.run.checkpointing import (
 )
 from moco.run.first_screen import RunFacts, RunSummary, quiet_lightning
 from moco.run.hardware import configure_malloc, precision_for
+from moco.run.loggers import make_loggers
 from moco.run.training_clock import TrainingClock
 from moco.run.warm_start import warm_start
-
-
-def _loggers(run_dir: Path) -> list:
-    loggers = [CSVLogger(run_dir, name="", version="logs")]
-    try:
-        import tensorboard  # noqa: F401  (optional: only used when installed)
-
-        loggers.append(TensorBoardLogger(run_dir, name="", version="logs", default_hp_metric=False))
-    except ImportError:
-        pass
-    return loggers
 
 
 class SaveConfig(pl.Callback):
@@ -105,7 +94,7 @@ def pretrain(cfg: DictConfig, run_dir: Path) -> Path | None:
     trainer = pl.Trainer(
         **_trainer_args(cfg),
         default_root_dir=run_dir,
-        logger=_loggers(run_dir),
+        logger=make_loggers(cfg, run_dir, resuming=resume_from is not None),
         plugins=[AtomicCheckpointIO()],
         callbacks=[
             # First, so the epoch-end time it measures includes the monitor and the checkpoint.
