@@ -62,6 +62,14 @@ def all_ranks(flag: bool, device: torch.device | str = "cpu") -> bool:
     return bool(value.item())
 
 
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum of ``values`` over every process (a collective)."""
+    if world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
 @torch.no_grad()
 def shuffle_batch(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A random slice of the global batch for this rank, and the permutation to undo it.

@@ -163,6 +163,7 @@ def _ddp_model_run(tmp_path: Path) -> None:
         devices=WORLD,
         # As conf/trainer/ddp.yaml, with processes spawned from this test process.
         strategy=distributed.ddp_strategy(start_method="spawn"),
+        use_distributed_sampler=False,  # the data module splits the epoch (as moco/run/train.py)
         max_steps=STEPS,
         logger=False,
         enable_checkpointing=False,
@@ -238,7 +239,8 @@ def test_torchrun_two_processes_write_one_run_directory_and_one_checkpoint(tmp_p
 def test_launcher_resolvers_read_torchrun_and_slurm(monkeypatch):
     for variable in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(variable, raising=False)
-    for variable in ("SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_NNODES", "SLURM_JOB_ID"):
+    slurm = ("SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_NNODES", "SLURM_JOB_ID")
+    for variable in (*slurm, "SLURM_STEP_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
         monkeypatch.delenv(variable, raising=False)
     assert launched_devices() == "auto" and launched_nodes() == 1
     assert "torchrun" not in run_stamp() and "slurm" not in run_stamp()
@@ -256,7 +258,13 @@ def test_launcher_resolvers_read_torchrun_and_slurm(monkeypatch):
     monkeypatch.setenv("SLURM_NNODES", "3")
     monkeypatch.setenv("SLURM_JOB_ID", "777")
     assert launched_devices() == 2 and launched_nodes() == 3
-    assert run_stamp().endswith("_slurm-777-0")
+    assert "slurm" not in run_stamp()  # salloc's shell, not a task started by srun
+    # Under srun: the job's id alone, no date or step, so a requeued job finds its directory.
+    monkeypatch.setenv("SLURM_STEP_ID", "3")
+    assert run_stamp() == "slurm-777"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "770")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    assert run_stamp() == "slurm-770_7"
 
 
 def test_ddp_trainer_config_builds_ddp_without_per_step_buffer_broadcast():
@@ -268,3 +276,37 @@ def test_ddp_trainer_config_builds_ddp_without_per_step_buffer_broadcast():
     assert isinstance(strategy, DDPStrategy)
     kwargs = strategy._ddp_kwargs
     assert kwargs.get("forward_sync_buffers", kwargs.get("broadcast_buffers")) is False
+
+
+# ------------------------------------------------------------- stop signals under DDP
+def _stop_on_one_rank(rank: int) -> dict:
+    """Only rank 0 gets the signal; both ranks must write the checkpoint and stop together."""
+    from types import SimpleNamespace
+
+    from moco.run.within_epoch import Preempted, WithinEpochCheckpoints
+
+    saved = []
+    trainer = SimpleNamespace(
+        global_step=0,
+        world_size=WORLD,
+        is_global_zero=rank == 0,
+        log_every_n_steps=10,
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+        save_checkpoint=lambda path, weights_only=False: saved.append(trainer.global_step),
+    )
+    callback = WithinEpochCheckpoints("last.ckpt", requeue=False)
+    for step in range(1, 30):
+        if rank == 0 and step == 2:
+            callback._signal = 15  # what the SIGTERM handler does, on this rank alone
+        trainer.global_step = step
+        try:
+            callback.on_train_batch_end(trainer, None, None, None, step - 1)
+        except Preempted as stop:
+            return {"saved": saved, "stopped_at": step, "exit_code": stop.exit_code}
+    return {"saved": saved, "stopped_at": None}
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    ranks = _two_ranks(_stop_on_one_rank, tmp_path)
+    # The ranks agree every AGREE_EVERY_N_STEPS (5) steps: both learn of it at step 5.
+    assert ranks[0] == ranks[1] == {"saved": [5], "stopped_at": 5, "exit_code": 128 + 15}

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,9 +17,10 @@ from moco.errors import ConfigError, TrainingDiverged
 from moco.run.checkpointing import AtomicCheckpointIO, newest_checkpoint, resume_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-EPOCHS = 4
-# Tiny, deterministic, with everything that draws random numbers switched on: augmentations in a
-# data-loader worker, the sampler's shuffle, shuffle-BN's permutation.
+EPOCHS = 3
+STEPS_PER_EPOCH = 12  # 96 images / batch 8
+# Tiny, deterministic, with everything that draws random numbers switched on: the batched
+# augmentations, the sampler's shuffle, shuffle-BN's permutation.
 RUN = [
     "data=synthetic",
     "data.num_train=96",
@@ -32,6 +34,10 @@ RUN = [
     f"trainer.max_epochs={EPOCHS}",
     "trainer.deterministic=true",
 ]
+# The views made per image in two loader workers instead (the path of image folders).
+PER_IMAGE = ["augment.batched=false", "data.num_workers=2"]
+# Columns that hold wall-clock times, which differ between any two runs.
+CLOCK_COLUMNS = ("time/train_s", "time/epoch_s", "throughput/images_per_s")
 
 
 def _command(run_dir: Path, *extra: str) -> list[str]:
@@ -42,16 +48,65 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _final_state(run_dir: Path) -> dict:
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert checkpoint["epoch"] == EPOCHS - 1
-    return checkpoint["state_dict"]
+def _train(run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        _command(run_dir, *extra),
+        cwd=REPO,
+        env=env or _env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _metric_rows(run_dir: Path) -> list[dict]:
+    with (run_dir / "logs" / "metrics.csv").open() as f:
+        return [
+            {k: v for k, v in row.items() if v and k not in CLOCK_COLUMNS}
+            for row in csv.DictReader(f)
+        ]
+
+
+def _assert_same_training(expected_dir: Path, resumed_dir: Path) -> None:
+    """Every parameter and buffer (the queue too), the optimizer and the log are the same."""
+    expected, resumed = (
+        torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)
+        for d in (expected_dir, resumed_dir)
+    )
+    assert expected["epoch"] == resumed["epoch"] == EPOCHS - 1
+    assert expected["global_step"] == resumed["global_step"] == EPOCHS * STEPS_PER_EPOCH
+    weights, other = expected["state_dict"], resumed["state_dict"]
+    assert weights.keys() == other.keys()
+    different = [k for k in weights if not torch.equal(weights[k], other[k])]
+    assert not different, f"{len(different)} tensors differ, first {different[0]}"
+    assert torch.equal(weights["queue.keys"], other["queue.keys"])  # named: the point
+    momenta = [expected["optimizer_states"][0]["state"], resumed["optimizer_states"][0]["state"]]
+    assert momenta[0].keys() == momenta[1].keys()
+    for key in momenta[0]:
+        assert torch.equal(momenta[0][key]["momentum_buffer"], momenta[1][key]["momentum_buffer"])
+    # Each step's and each epoch's row once, with the values of the uninterrupted run.
+    assert _metric_rows(resumed_dir) == _metric_rows(expected_dir)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """An uninterrupted run, batched augmentations."""
+    run_dir = tmp_path_factory.mktemp("resume") / "straight"
+    _train(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def straight_per_image(tmp_path_factory) -> Path:
+    """An uninterrupted run, views made per image in loader workers."""
+    run_dir = tmp_path_factory.mktemp("resume") / "straight_per_image"
+    _train(run_dir, *PER_IMAGE)
+    return run_dir
 
 
 def _epoch_logged(run_dir: Path, epoch: int) -> bool:
-    """Whether metrics.csv holds the epoch-level row of ``epoch``. Lightning writes it just after
-    the epoch's checkpoint, so a kill between the two loses that row (a known gap); the test
-    kills after both, where a crash loses nothing."""
     path = run_dir / "logs" / "metrics.csv"
     if not path.exists():
         return False
@@ -61,52 +116,47 @@ def _epoch_logged(run_dir: Path, epoch: int) -> bool:
         )
 
 
-def _kill_after_first_checkpoint(run_dir: Path) -> None:
+def _start_and_kill_when(run_dir: Path, ready, *extra: str, env=None, signum=signal.SIGKILL):
+    """Start a training run, wait until ``ready()``, send it ``signum``; return its exit code."""
     process = subprocess.Popen(
-        _command(run_dir), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        _command(run_dir, *extra),
+        cwd=REPO,
+        env=env or _env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
-    first = run_dir / "checkpoints" / "epoch000.ckpt"
     deadline = time.monotonic() + 600
-    while not (first.exists() and _epoch_logged(run_dir, 0)):
+    while not ready():
         assert process.poll() is None, process.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint after 10 minutes"
+        assert time.monotonic() < deadline, "not ready after 10 minutes"
         time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(signum)
+    code = process.wait(timeout=300)
+    stderr = process.stderr.read().decode()
     process.stderr.close()
-    # Killed mid-run: the last epoch's checkpoint was never written.
-    assert not (run_dir / "checkpoints" / f"epoch{EPOCHS - 1:03d}.ckpt").exists()
+    assert (run_dir / "checkpoints").is_dir(), stderr[-3000:]
+    return code, stderr
+
+
+def _resumed_step(stdout: str) -> int:
+    line = next(line for line in stdout.splitlines() if line.startswith("Resuming from"))
+    return int(line.rsplit("(step ", 1)[1].rstrip(")"))
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    result = subprocess.run(
-        _command(straight), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-
-    _kill_after_first_checkpoint(interrupted)
+def test_sigkill_after_an_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, straight):
+    interrupted = tmp_path / "interrupted"
+    first = interrupted / "checkpoints" / "epoch000.ckpt"
+    _start_and_kill_when(interrupted, lambda: first.exists() and _epoch_logged(interrupted, 0))
+    # Killed mid-run: the last epoch's checkpoint was never written.
+    assert not (interrupted / "checkpoints" / f"epoch{EPOCHS - 1:03d}.ckpt").exists()
     # resume=auto is the default: the same run directory continues from its newest checkpoint.
-    result = subprocess.run(
-        _command(interrupted), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _train(interrupted)
     assert "Resuming from" in result.stdout
-
-    expected, resumed = _final_state(straight), _final_state(interrupted)
-    assert expected.keys() == resumed.keys()
-    different = [k for k in expected if not torch.equal(expected[k], resumed[k])]
-    assert not different, f"{len(different)} tensors differ, first {different[0]}"
-    assert torch.equal(expected["queue.keys"], resumed["queue.keys"])  # named: the point
-
-    # The log of the resumed run still has every epoch's loss.
-    with (interrupted / "logs" / "metrics.csv").open() as f:
-        epochs = [int(r["epoch"]) for r in csv.DictReader(f) if r.get("train/loss_epoch")]
-    assert epochs == list(range(EPOCHS))  # epoch 0 from before the kill, each epoch once
+    _assert_same_training(straight, interrupted)
 
     # The run's training clock went on from the count in epoch 0's checkpoint.
-    before_kill = torch.load(interrupted / "checkpoints" / "epoch000.ckpt", weights_only=True)
+    before_kill = torch.load(first, weights_only=True)
     final = torch.load(interrupted / "checkpoints" / "last.ckpt", weights_only=True)
     seconds = [c["callbacks"]["TrainingClock"]["seconds"] for c in (before_kill, final)]
     assert 0 < seconds[0] < seconds[1]
@@ -114,6 +164,121 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
         logged = [float(r["time/train_s"]) for r in csv.DictReader(f) if r.get("time/train_s")]
     assert len(logged) == EPOCHS and logged == sorted(logged)
     assert logged[-1] == pytest.approx(seconds[1], rel=1e-6)  # logged as float32
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_goes_on_with_the_next_batch(tmp_path, straight_per_image):
+    """Checkpoints every 5 steps; killed part-way through epoch 1, the run resumes from that
+    batch (not from the epoch's start) and ends as if never stopped: the images of the epoch's
+    second part, their augmentations in the workers and the optimizer all line up."""
+    interrupted = tmp_path / "mid_epoch"
+    folder = interrupted / "checkpoints"
+    every = ["checkpoint.every_n_steps=5", *PER_IMAGE]
+
+    def within_epoch_1() -> bool:  # last.ckpt is a file, no longer the link to epoch 0's
+        last = folder / "last.ckpt"
+        return (folder / "epoch000.ckpt").exists() and last.exists() and not last.is_symlink()
+
+    _start_and_kill_when(interrupted, within_epoch_1, *every)
+    assert not (folder / "epoch001.ckpt").exists()
+    result = _train(interrupted, *every)
+    step = _resumed_step(result.stdout)
+    assert STEPS_PER_EPOCH < step < 2 * STEPS_PER_EPOCH, step  # part-way through epoch 1
+    _assert_same_training(straight_per_image, interrupted)
+
+
+@pytest.mark.slow
+def test_a_crash_between_an_epochs_checkpoint_and_its_log_row_loses_no_row(tmp_path, straight):
+    """Lightning logs an epoch's row just after the epoch's checkpoint. A run killed in between
+    has the checkpoint but not the row; the row travels in the checkpoint and is written back."""
+    crashed = tmp_path / "crashed"
+    (crashed / "checkpoints").mkdir(parents=True)
+    (crashed / "logs").mkdir()
+    shutil.copy(straight / "checkpoints" / "epoch001.ckpt", crashed / "checkpoints")
+    with (straight / "logs" / "metrics.csv").open() as f:
+        reader = csv.DictReader(f)
+        rows = [r for r in reader if not (r.get("train/loss_epoch") and r["epoch"] == "1")]
+        columns = reader.fieldnames
+    with (crashed / "logs" / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(r for r in rows if int(r["step"]) < 2 * STEPS_PER_EPOCH)
+    assert not _epoch_logged(crashed, 1)
+    _train(crashed)
+    assert _epoch_logged(crashed, 1)
+    _assert_same_training(straight, crashed)
+
+
+def _slurm_env(tmp_path: Path, restarts: int) -> dict:
+    """A srun task of job 4242, with a stand-in scontrol that records its calls."""
+    bin_dir = tmp_path / "bin"
+    if not bin_dir.exists():
+        bin_dir.mkdir()
+        scontrol = bin_dir / "scontrol"
+        scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol_calls"}\n')
+        scontrol.chmod(0o755)
+    slurm = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_ID": "0",
+        "SLURM_JOB_NAME": "moco",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_NNODES": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "node1",
+        "SLURM_RESTART_COUNT": str(restarts),
+    }
+    return {**_env(), **slurm, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+@pytest.mark.slow
+def test_slurm_stop_signals_checkpoint_requeue_and_the_requeued_job_ends_the_same(
+    tmp_path, straight
+):
+    """SIGUSR1 (the time limit is near) in epoch 1 and SIGTERM (preemption) in epoch 2: each
+    time the run writes last.ckpt between two steps, requeues the job and exits; each start of
+    the requeued job resumes in the same directory; the end equals an uninterrupted run."""
+    run_dir = tmp_path / "runs" / "synthetic" / "slurm-4242"  # the job's, across requeues
+    folder = run_dir / "checkpoints"
+    command = [sys.executable, str(REPO / "scripts" / "pretrain.py"), *RUN]
+
+    def stop_when(epoch_done: int, signum: signal.Signals, restarts: int) -> str:
+        process = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env=_slurm_env(tmp_path, restarts),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        epoch_file = folder / f"epoch{epoch_done:03d}.ckpt"
+        deadline = time.monotonic() + 600
+        while not epoch_file.exists():
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        process.send_signal(signum)
+        assert process.wait(timeout=300) == 128 + signum
+        stderr = process.stderr.read().decode()
+        process.stderr.close()
+        return stderr
+
+    stderr = stop_when(0, signal.SIGUSR1, restarts=0)
+    assert "SIGUSR1 at step " in stderr and "the job is requeued" in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert (folder / "last.ckpt").is_file() and not (folder / "last.ckpt").is_symlink()
+    stderr = stop_when(1, signal.SIGTERM, restarts=1)
+    assert "SIGTERM at step " in stderr and "the job is requeued" in stderr, stderr[-3000:]
+    assert (tmp_path / "scontrol_calls").read_text() == "requeue 4242\nrequeue 4242\n"
+
+    done = subprocess.run(
+        command, cwd=tmp_path, env=_slurm_env(tmp_path, 2), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 2 * STEPS_PER_EPOCH < _resumed_step(done.stdout) < 3 * STEPS_PER_EPOCH
+    assert [p.name for p in (tmp_path / "runs" / "synthetic").iterdir()] == ["slurm-4242"]
+    _assert_same_training(straight, run_dir)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader
 from moco.data.augment import TwoViews, pretrain_transform
 from moco.data.batch_augment import BatchAugment
 from moco.data.datasets import TensorImages, load_dataset
+from moco.data.sampler import EpochSampler, SeededSamples
 from moco.errors import ConfigError
 
 
@@ -17,13 +18,17 @@ class PretrainDataModule(pl.LightningDataModule):
     workers, or for the whole batch at once on the training device (moco/data/batch_augment.py),
     where the loader only hands over uint8 images. ``auto`` takes the batched way whenever the
     images are in memory and already of ``data.image_size`` px.
+
+    Its position in the epoch travels in every checkpoint (``state_dict``): a run resumed from a
+    checkpoint written part-way through an epoch goes on with that epoch's next batch.
     """
 
-    def __init__(self, data_cfg, augment_cfg) -> None:
+    def __init__(self, data_cfg, augment_cfg, seed: int = 0) -> None:
         super().__init__()
-        self.data_cfg, self.augment_cfg = data_cfg, augment_cfg
+        self.data_cfg, self.augment_cfg, self.seed = data_cfg, augment_cfg, seed
         self.dataset = None
         self.batch_augment: BatchAugment | None = None
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
@@ -53,24 +58,49 @@ class PretrainDataModule(pl.LightningDataModule):
         if self.batch_augment is None:  # the workers made the views
             return batch
         images, labels = batch
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        rank, world = self._rank_and_world()
         return self.batch_augment.two_views(images, rank, world), labels
 
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_and_world()
+        sampler = EpochSampler(len(self.dataset), self.seed, rank, world)
+        batch_size = self.data_cfg.batch_size
+        if self.trainer is not None:  # a checkpoint without a position: at the epoch's start
+            sampler.set_epoch(self.trainer.current_epoch)
+        if self._resume_at is not None:
+            epoch, batches_done = self._resume_at
+            if batches_done >= len(sampler) // batch_size:  # written at the end of the epoch
+                epoch, batches_done = epoch + 1, 0
+            sampler.start_at(epoch, batches_done * batch_size)
+            self._resume_at = None
         workers = self.data_cfg.num_workers
         return DataLoader(
-            self.dataset,
-            batch_size=self.data_cfg.batch_size,
-            shuffle=True,
+            SeededSamples(self.dataset),
+            batch_size=batch_size,
+            sampler=sampler,
             # Full batches only, as the official implementation: BatchNorm (and SplitBatchNorm
             # with several splits) is unreliable on a handful of samples. The queue itself
             # accepts any batch size.
             drop_last=True,
             num_workers=workers,
-            # Workers start afresh each epoch, seeded from the main process's generator: a run
-            # resumed from a checkpoint then draws the same augmentations as one never stopped
-            # (persistent workers would carry generator states no checkpoint holds).
+            # The workers' own seeds come from this generator, not from the training process's,
+            # whose draws must not depend on when a loader starts (moco/data/sampler.py).
+            generator=torch.Generator().manual_seed(self.seed),
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
         )
+
+    # The position in the epoch, saved in and restored from checkpoints by Lightning.
+    def state_dict(self) -> dict:
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict:  # checkpoints written before the position was saved have none
+            self._resume_at = (int(state_dict["epoch"]), int(state_dict["batches_done"]))

@@ -160,6 +160,9 @@ def check_pretrain(cfg: DictConfig) -> None:
         f"this experiment is tuned for data={recipe} (conf/recipe/{recipe}.yaml), not "
         f"data={data.name}: without +experiment the untuned group defaults run on any data set",
     )
+    for key in ("every_n_steps", "every_minutes"):
+        value = cfg.checkpoint[key]
+        require(value >= 0, f"{setting(f'checkpoint.{key}', value)} must be >= 0 (0: off)")
     if "queue_size" in model:  # MoCo; the supervised reference has no MoCo keys to check
         _check_moco(model, data, trainer)
     if cfg.eval.enabled:

@@ -5,11 +5,10 @@ Lightning already saves both encoders, the queue and its pointer (buffers of the
 optimizer and LR-schedule state, epoch and step. Added here: the random-number generators of
 every process, so that the augmentations, the sampler's order and the shuffle-BN permutations
 after a resume are the ones an uninterrupted run would have drawn. Data-loader workers need no
-state of their own: they are started afresh every epoch (PretrainDataModule) and seeded from the
-main process's generator, which is restored.
+state of their own: each image's random draws come from its own seed (moco/data/sampler.py), and
+the data module's position in the epoch is in the checkpoint too.
 """
 
-import csv
 import os
 import random
 from dataclasses import dataclass
@@ -18,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from moco import distributed
 from moco.checkpoint import read_moco_checkpoint, state_dict_mismatch
 from moco.errors import ConfigError
+from moco.run.metrics_log import EPOCH_ROW
 
 RESUME_CHOICES = "auto (the newest checkpoint of this run directory), none, or a .ckpt path"
 
@@ -112,6 +111,7 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 class ResumePoint:
     path: Path  # the checkpoint
     global_step: int  # optimizer steps it was taken after
+    epoch_row: dict | None  # the log row of the epoch it ends, if it was written at an epoch's end
 
 
 def resume_checkpoint(resume: str, run_dir: Path, model: pl.LightningModule) -> ResumePoint | None:
@@ -141,7 +141,8 @@ def resume_checkpoint(resume: str, run_dir: Path, model: pl.LightningModule) -> 
         pl.utilities.rank_zero_warn(
             f"resuming {path} with settings that differ from the checkpoint's: {changed}"
         )
-    return ResumePoint(path, int(checkpoint.get("global_step", 0)))
+    step = int(checkpoint.get("global_step", 0))
+    return ResumePoint(path, step, checkpoint.get(EPOCH_ROW))
 
 
 def changed_settings(before: dict, now: dict) -> str:
@@ -151,26 +152,3 @@ def changed_settings(before: dict, now: dict) -> str:
     return ", ".join(
         f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)
     )
-
-
-def carry_over_metrics(logger: CSVLogger, resume: ResumePoint) -> None:
-    """Keep the rows of the run directory's metrics.csv logged before the resumed step.
-
-    Lightning's CSV writer deletes an existing metrics.csv when it starts; without this, a
-    resumed run's log would begin at the resumed epoch. Rows of the interrupted epoch (at or
-    after the checkpoint's step) are dropped: that epoch is trained again.
-    """
-    path = Path(logger.log_dir) / "metrics.csv"
-    if not path.is_file():
-        return
-    with path.open(newline="") as f:
-        rows = [
-            {key: float(value) for key, value in row.items() if value not in ("", None)}
-            for row in csv.DictReader(f)
-        ]
-    kept = [r for r in rows if "step" in r and r["step"] < resume.global_step]
-    for row in kept:
-        row["step"] = int(row["step"])
-        if "epoch" in row:
-            row["epoch"] = int(row["epoch"])
-    logger.experiment.metrics[:0] = kept  # written with the resumed run's first rows

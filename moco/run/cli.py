@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from moco.errors import MocoUserError
+from moco.run.within_epoch import Preempted
 
 
 def _remove_if_only_hydra_files(run_dir: Path) -> None:
@@ -45,6 +46,9 @@ def exit_on_user_error(task):
             _clean_run_dir()
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+        except Preempted as stop:  # a checkpoint was written: nothing to clean up
+            print(f"stopped: {stop}", file=sys.stderr)
+            sys.exit(stop.exit_code)
         except BaseException:
             _clean_run_dir()
             raise

@@ -163,9 +163,15 @@ def _not_litlogger_tip(record: logging.LogRecord) -> bool:
 
 
 def quiet_lightning() -> None:
-    """Silences two start-up messages of Lightning that say nothing about the run: the tip to
-    install litlogger, and torch's deprecation of ``LeafSpec``, which Lightning itself calls.
-    Call it once before the Trainer is built; other warnings and messages stay."""
+    """Silences messages of Lightning that say nothing true about the run: the tip to install
+    litlogger; torch's deprecation of ``LeafSpec``, which Lightning itself calls; and the warning
+    that a loader without Lightning's state methods cannot resume part-way through an epoch
+    (ours can: the data module keeps the position, moco/data/datamodule.py). Call it once before
+    the Trainer is built; other warnings and messages stay."""
+    warnings.filterwarnings(
+        "ignore",
+        message=r"You're resuming from a checkpoint that ended before the epoch ended",
+    )
     warnings.filterwarnings(
         "ignore",
         message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",

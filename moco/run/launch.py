@@ -30,21 +30,34 @@ def launched_rank() -> int:
     return 0
 
 
-def _launch_id() -> str:
-    """An id that every process of one launch shares and a later launch does not."""
+def slurm_job() -> str | None:
+    """The SLURM job of a process started by srun (``<array job>_<task>`` in a job array), or
+    None. A requeued job keeps its id, and so its run directory."""
+    env = os.environ
+    if "SLURM_JOB_ID" not in env or "SLURM_STEP_ID" not in env:  # salloc's shell: not srun
+        return None
+    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env["SLURM_JOB_ID"]
+
+
+def _torchrun_id() -> str:
+    """An id that every process of one torchrun launch shares and a later launch does not."""
     env = os.environ
     if "TORCHELASTIC_RUN_ID" in env and env["TORCHELASTIC_RUN_ID"] != "none":
         return "torchrun-" + env["TORCHELASTIC_RUN_ID"][:8]  # --standalone: a random id
-    if "SLURM_JOB_ID" in env:
-        return f"slurm-{env['SLURM_JOB_ID']}-{env.get('SLURM_STEP_ID', '0')}"
     # torchrun without --rdzv-id: only the rendezvous port tells launches apart.
     return f"torchrun-port{env.get('MASTER_PORT', '0')}"
 
 
 def run_stamp() -> str:
-    """Name of the run directory: the start time, or the day and the launch id if distributed."""
+    """Name of the run directory: the SLURM job under srun (the same after a requeue, which
+    then resumes there), the day and the launch id under torchrun, else the start time."""
+    job = slurm_job()
+    if job is not None:
+        return f"slurm-{job}"
     if launched_world_size() > 1:
-        return f"{datetime.now():%Y-%m-%d}_{_launch_id()}"
+        return f"{datetime.now():%Y-%m-%d}_{_torchrun_id()}"
     return f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
 
 

@@ -233,6 +233,13 @@ class KnnMonitorConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_n_steps: int = MISSING  # 0: no checkpoint within the epoch by step count
+    every_minutes: float = MISSING  # 0: none by time
+    requeue: bool = MISSING  # requeue a SLURM job stopped by SIGUSR1 or SIGTERM
+
+
+@dataclass
 class PretrainConfig:
     data: DataConfig = MISSING
     augment: AugmentConfig = MISSING
@@ -243,6 +250,7 @@ class PretrainConfig:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # logger=csv sets no key
     eval: KnnMonitorConfig = MISSING
+    checkpoint: CheckpointConfig = MISSING
     seed: int = MISSING
     malloc: Malloc = MISSING
     resume: str = MISSING

@@ -7,23 +7,22 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 
 from moco.data import PretrainDataModule
 from moco.encoders import resolve_stem
 from moco.eval.monitor import KNNMonitor
 from moco.run.check import check_pretrain
-from moco.run.checkpointing import (
-    AtomicCheckpointIO,
-    RandomStates,
-    carry_over_metrics,
-    resume_checkpoint,
-)
+from moco.run.checkpointing import AtomicCheckpointIO, RandomStates, resume_checkpoint
 from moco.run.first_screen import RunFacts, RunSummary, quiet_lightning
 from moco.run.hardware import configure_malloc, precision_for
 from moco.run.loggers import make_loggers
+from moco.run.metrics_log import MetricsAcrossResume, carry_over_metrics
+from moco.run.skipped_images import ReportSkippedImages
 from moco.run.training_clock import TrainingClock
 from moco.run.warm_start import warm_start
+from moco.run.within_epoch import WithinEpochCheckpoints
 
 
 class SaveConfig(pl.Callback):
@@ -39,9 +38,19 @@ class SaveConfig(pl.Callback):
             self.path.write_text(self.text)
 
 
+def slurm_plugins() -> list:
+    """Under SLURM, Lightning's SLURM environment without its requeue handler: the run's own
+    (moco/run/within_epoch.py) stops between steps, where a resume is exact."""
+    if not SLURMEnvironment.detect():
+        return []
+    return [SLURMEnvironment(auto_requeue=False)]
+
+
 def _trainer_args(cfg: DictConfig) -> dict:
     args = OmegaConf.to_container(cfg.trainer, resolve=True)
     args["precision"] = precision_for(cfg)
+    # The data module splits each epoch between the ranks itself (moco/data/sampler.py).
+    args["use_distributed_sampler"] = False
     if isinstance(args.get("strategy"), dict):  # e.g. DDPStrategy with options (trainer/ddp.yaml)
         args["strategy"] = hydra.utils.instantiate(args["strategy"])
     return args
@@ -70,7 +79,7 @@ def pretrain(cfg: DictConfig, run_dir: Path) -> Path | None:
     check_pretrain(cfg)
     configure_malloc(cfg.malloc)  # before the first big tensor, and before workers fork
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = PretrainDataModule(cfg.data, cfg.augment)
+    datamodule = PretrainDataModule(cfg.data, cfg.augment, cfg.seed)
     datamodule.setup("fit")  # load (and check) the data before anything is written
     model = hydra.utils.instantiate(cfg.model)
     monitor = KNNMonitor.from_config(cfg.eval, cfg.data)  # None when eval.enabled=false
@@ -89,13 +98,19 @@ def pretrain(cfg: DictConfig, run_dir: Path) -> Path | None:
         # counter, Lightning would write last-v1.ckpt beside the stale link instead.
         enable_version_counter=False,
     )
+    within_epoch = WithinEpochCheckpoints(
+        run_dir / "checkpoints" / "last.ckpt",
+        every_n_steps=cfg.checkpoint.every_n_steps,
+        every_minutes=cfg.checkpoint.every_minutes,
+        requeue=cfg.checkpoint.requeue,
+    )
     quiet_lightning()  # before the Trainer: its constructor logs the litlogger tip
     summary = RunSummary(_run_facts(cfg, run_dir))
     trainer = pl.Trainer(
         **_trainer_args(cfg),
         default_root_dir=run_dir,
         logger=make_loggers(cfg, run_dir, resuming=resume_from is not None),
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *slurm_plugins()],
         callbacks=[
             # First, so the epoch-end time it measures includes the monitor and the checkpoint.
             summary,
@@ -103,16 +118,18 @@ def pretrain(cfg: DictConfig, run_dir: Path) -> Path | None:
             SaveConfig(cfg, run_dir / "config.yaml"),
             checkpoints,
             LearningRateMonitor(logging_interval="step"),
+            ReportSkippedImages(),
         ]
         + ([monitor] if monitor else [])
         # After the monitor, so each epoch's count includes its kNN evaluation; Lightning calls
-        # the checkpoint callback last, so each checkpoint holds the count of its own epoch.
-        + [TrainingClock()],
+        # the checkpoint callbacks last, so each checkpoint holds the count of its own epoch
+        # and the epoch's log row, taken after everything else has logged.
+        + [TrainingClock(), MetricsAcrossResume(), within_epoch],
         enable_model_summary=False,
     )
     if resume_from is not None and trainer.is_global_zero:
         print(f"Resuming from {resume_from.path} (step {resume_from.global_step})")
-        carry_over_metrics(trainer.loggers[0], resume_from)
+        carry_over_metrics(trainer.loggers[0], resume_from.global_step, resume_from.epoch_row)
     trainer.fit(
         model,
         datamodule=datamodule,
