@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moco.errors import ConfigError
+
 
 def world_size() -> int:
     """Number of processes in the default group; 1 when torch.distributed is not in use."""
@@ -137,4 +139,13 @@ def ddp_strategy(sync_buffers_every_step: bool = False, **kwargs):
     # torch 2.14 renamed DDP's broadcast_buffers to forward_sync_buffers (same meaning here).
     options = inspect.signature(DistributedDataParallel.__init__).parameters
     name = "forward_sync_buffers" if "forward_sync_buffers" in options else "broadcast_buffers"
+    # Lightning hands the arguments it does not know to DDP, which would refuse a misspelt one
+    # only once the processes have started, with a traceback on every rank.
+    known = set(inspect.signature(DDPStrategy.__init__).parameters) | set(options)
+    unknown = sorted(set(kwargs) - known - {"self", "kwargs"})
+    if unknown:
+        raise ConfigError(
+            f"trainer.strategy.{unknown[0]} is not an argument of Lightning's DDPStrategy or of "
+            "torch's DistributedDataParallel: check its spelling"
+        )
     return DDPStrategy(**{name: sync_buffers_every_step}, **kwargs)

@@ -132,6 +132,10 @@ def _empty_fashion_mnist_root(tmp: Path) -> list[str]:
         (lambda tmp: ["data=synthetic", "model.head=foo"], ["model.head=foo", "mlp"]),
         (lambda tmp: ["data.name=foo"], ["data.name=foo is unknown", "imagefolder"]),
         (lambda tmp: ["+model.tempreature=0.1"], ["model.tempreature is not a key"]),
+        (
+            lambda tmp: ["data=synthetic", "trainer=ddp", "+trainer.strategy.bucket_cap=5"],
+            ["trainer.strategy.bucket_cap is not an argument", "DistributedDataParallel"],
+        ),
     ],
     ids=[
         "imagefolder-missing-root",
@@ -143,6 +147,7 @@ def _empty_fashion_mnist_root(tmp: Path) -> list[str]:
         "unknown-head",
         "unknown-data-name",
         "misspelt-new-key",
+        "misspelt-ddp-argument",
     ],
 )
 def test_user_mistake_is_one_line_exit_2_and_leaves_nothing(tmp_path, make_overrides, fragments):
@@ -159,6 +164,8 @@ def test_user_mistake_is_one_line_exit_2_and_leaves_nothing(tmp_path, make_overr
         ("foo=1", ["foo is not a key", "+foo"]),  # unknown key without + (+foo=1 adds it)
         ("model.temperature=[", ["cannot parse the override", "model.temperature=["]),
         ("augment=null", ["Config group override must be", "one of its options"]),  # group: null
+        # A tracker's setting without the tracker: its node is null.
+        ("logger.wandb.project=x", ["wandb tracker, which is not chosen", "logger=[csv,wandb]"]),
     ],
 )
 def test_hydra_command_line_errors_are_one_line_too(tmp_path, override, fragments):

@@ -74,6 +74,13 @@ def run_hydra_main(main) -> None:
             raise
         print(f"error: {hydra_error_line(exc)}", file=sys.stderr)
         sys.exit(2)
+    except AssertionError as exc:
+        # OmegaConf's answer to a key set below a null node, e.g. logger.wandb.project=x
+        # without logger=wandb (an option not chosen leaves its node null).
+        if wants_traceback or not str(exc).startswith("Unexpected type for root"):
+            raise
+        print(f"error: {null_node_line(sys.argv[1:])}", file=sys.stderr)
+        sys.exit(2)
     except ValueError as exc:
         # Hydra's defaults list rejects a group set to null (augment=null) with a bare ValueError.
         if wants_traceback or not str(exc).startswith("Config group override must be"):
@@ -84,6 +91,18 @@ def run_hydra_main(main) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
+
+
+def null_node_line(overrides: list[str]) -> str:
+    """The one line for overrides that set a key inside a node that is null."""
+    for override in overrides:
+        parts = override.lstrip("+").split("=", 1)[0].split(".")
+        if len(parts) > 2 and parts[0] == "logger":
+            return (
+                f"{override} sets a setting of the {parts[1]} tracker, which is not chosen: "
+                f"add logger=[csv,{parts[1]}]"
+            )
+    return "an override sets a key inside a config node that is null: set the node first"
 
 
 def hydra_error_line(exc: Exception) -> str:

@@ -5,6 +5,7 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.plugins.environments import SLURMEnvironment
@@ -12,6 +13,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from moco.data import PretrainDataModule
 from moco.encoders import resolve_stem
+from moco.errors import MocoUserError
 from moco.eval.monitor import KNNMonitor
 from moco.run.check import check_pretrain
 from moco.run.checkpointing import AtomicCheckpointIO, RandomStates, resume_checkpoint
@@ -52,7 +54,12 @@ def _trainer_args(cfg: DictConfig) -> dict:
     # The data module splits each epoch between the ranks itself (moco/data/sampler.py).
     args["use_distributed_sampler"] = False
     if isinstance(args.get("strategy"), dict):  # e.g. DDPStrategy with options (trainer/ddp.yaml)
-        args["strategy"] = hydra.utils.instantiate(args["strategy"])
+        try:
+            args["strategy"] = hydra.utils.instantiate(args["strategy"])
+        except InstantiationException as exc:  # Hydra wraps the strategy's own one-line error
+            if isinstance(exc.__cause__, MocoUserError):
+                raise exc.__cause__ from None
+            raise
     return args
 
 
