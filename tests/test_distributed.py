@@ -6,8 +6,10 @@ test process compares the files, so a failure shows as a plain assertion here.
 """
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -310,3 +312,65 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     ranks = _two_ranks(_stop_on_one_rank, tmp_path)
     # The ranks agree every AGREE_EVERY_N_STEPS (5) steps: both learn of it at step 5.
     assert ranks[0] == ranks[1] == {"saved": [5], "stopped_at": 5, "exit_code": 128 + 15}
+
+
+@pytest.mark.slow
+def test_torchrun_run_stopped_by_sigterm_mid_epoch_resumes_to_the_same_weights(tmp_path):
+    """SIGTERM to every process of a 2-process torchrun run, part-way through an epoch: both
+    ranks write one checkpoint at the same step and stop; started again, the run ends with the
+    weights (the queue too) of a run never stopped."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        str(torchrun),
+        "--standalone",
+        "--nproc-per-node=2",
+        str(REPO / "scripts" / "pretrain.py"),
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.max_epochs=2",
+        "trainer.deterministic=true",
+        "eval.enabled=false",
+        "data=synthetic",
+        "data.num_train=96",  # 2 processes x batch 8: 6 steps per epoch
+        "data.image_size=8",
+        "data.batch_size=8",
+        "data.num_workers=1",
+        "model.bn_splits=2",
+        "model.queue_size=64",
+        "model.dim=16",
+    ]
+
+    def train(run_dir: Path) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            [*command, f"hydra.run.dir={run_dir}"], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    train(tmp_path / "straight")
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen(
+        [*command, f"hydra.run.dir={stopped}"],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    while not (stopped / "checkpoints" / "epoch000.ckpt").exists():
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGTERM)  # torchrun, both ranks and their loader workers
+    process.wait(timeout=300)
+    stderr = process.stderr.read().decode()
+    process.stderr.close()
+    assert stderr.count("stopped: SIGTERM at step ") == 1, stderr[-3000:]  # said by rank 0
+    resumed = train(stopped)
+    step = int(resumed.stdout.split("(step ")[1].split(")")[0])
+    assert 6 < step < 12, step  # part-way through epoch 1
+    expected, final = (
+        torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        for d in (tmp_path / "straight", stopped)
+    )
+    assert [k for k in expected if not torch.equal(expected[k], final[k])] == []

@@ -175,9 +175,14 @@ def test_sigkill_mid_epoch_then_resume_goes_on_with_the_next_batch(tmp_path, str
     folder = interrupted / "checkpoints"
     every = ["checkpoint.every_n_steps=5", *PER_IMAGE]
 
-    def within_epoch_1() -> bool:  # last.ckpt is a file, no longer the link to epoch 0's
-        last = folder / "last.ckpt"
-        return (folder / "epoch000.ckpt").exists() and last.exists() and not last.is_symlink()
+    def within_epoch_1() -> bool:
+        # last.ckpt is a file again, written after epoch 0's checkpoint (not the file of step 11
+        # that is still there for a moment before the link to epoch 0's replaces it).
+        last, first = folder / "last.ckpt", folder / "epoch000.ckpt"
+        try:
+            return not last.is_symlink() and last.stat().st_mtime_ns > first.stat().st_mtime_ns
+        except FileNotFoundError:
+            return False
 
     _start_and_kill_when(interrupted, within_epoch_1, *every)
     assert not (folder / "epoch001.ckpt").exists()
@@ -235,14 +240,15 @@ def _slurm_env(tmp_path: Path, restarts: int) -> dict:
 
 @pytest.mark.slow
 def test_slurm_stop_signals_checkpoint_requeue_and_the_requeued_job_ends_the_same(
-    tmp_path, straight
+    tmp_path, straight_per_image
 ):
-    """SIGUSR1 (the time limit is near) in epoch 1 and SIGTERM (preemption) in epoch 2: each
-    time the run writes last.ckpt between two steps, requeues the job and exits; each start of
-    the requeued job resumes in the same directory; the end equals an uninterrupted run."""
+    """SIGUSR1 (the time limit is near) in epoch 1 and SIGTERM (preemption) in epoch 2, sent to
+    every process of the run as SLURM does, the loader workers too: each time the run writes
+    last.ckpt between two steps, requeues the job and exits; each start of the requeued job
+    resumes in the same directory; the end equals an uninterrupted run."""
     run_dir = tmp_path / "runs" / "synthetic" / "slurm-4242"  # the job's, across requeues
     folder = run_dir / "checkpoints"
-    command = [sys.executable, str(REPO / "scripts" / "pretrain.py"), *RUN]
+    command = [sys.executable, str(REPO / "scripts" / "pretrain.py"), *RUN, *PER_IMAGE]
 
     def stop_when(epoch_done: int, signum: signal.Signals, restarts: int) -> str:
         process = subprocess.Popen(
@@ -251,6 +257,7 @@ def test_slurm_stop_signals_checkpoint_requeue_and_the_requeued_job_ends_the_sam
             env=_slurm_env(tmp_path, restarts),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            start_new_session=True,  # a process group of its own: the run and its workers
         )
         epoch_file = folder / f"epoch{epoch_done:03d}.ckpt"
         deadline = time.monotonic() + 600
@@ -258,7 +265,8 @@ def test_slurm_stop_signals_checkpoint_requeue_and_the_requeued_job_ends_the_sam
             assert process.poll() is None, process.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        process.send_signal(signum)
+        time.sleep(0.5)  # into the next epoch, whose loader workers are running
+        os.killpg(process.pid, signum)
         assert process.wait(timeout=300) == 128 + signum
         stderr = process.stderr.read().decode()
         process.stderr.close()
@@ -278,7 +286,7 @@ def test_slurm_stop_signals_checkpoint_requeue_and_the_requeued_job_ends_the_sam
     assert done.returncode == 0, done.stderr[-3000:]
     assert 2 * STEPS_PER_EPOCH < _resumed_step(done.stdout) < 3 * STEPS_PER_EPOCH
     assert [p.name for p in (tmp_path / "runs" / "synthetic").iterdir()] == ["slurm-4242"]
-    _assert_same_training(straight, run_dir)
+    _assert_same_training(straight_per_image, run_dir)
 
 
 @pytest.mark.slow

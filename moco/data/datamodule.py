@@ -1,5 +1,7 @@
 """LightningDataModule serving pairs of augmented views for pretraining."""
 
+import signal
+
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
@@ -9,6 +11,15 @@ from moco.data.batch_augment import BatchAugment
 from moco.data.datasets import TensorImages, load_dataset
 from moco.data.sampler import EpochSampler, SeededSamples
 from moco.errors import ConfigError
+
+
+def _leave_stop_signals_to_training(worker_id: int) -> None:
+    """A loader worker ignores SIGTERM and SIGUSR1. A cluster's scheduler sends them to every
+    process of the job; the training process then writes a checkpoint between two steps and
+    stops its workers itself (moco/run/within_epoch.py). A worker that died of the signal
+    instead would end the run with the loader's error first."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class PretrainDataModule(pl.LightningDataModule):
@@ -90,6 +101,8 @@ class PretrainDataModule(pl.LightningDataModule):
             # The workers' own seeds come from this generator, not from the training process's,
             # whose draws must not depend on when a loader starts (moco/data/sampler.py).
             generator=torch.Generator().manual_seed(self.seed),
+            # Also stands in for Lightning's worker seeding: the draws come from SeededSamples.
+            worker_init_fn=_leave_stop_signals_to_training,
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
         )

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from moco.errors import MocoUserError
+from moco.run.launch import launched_rank
 from moco.run.within_epoch import Preempted
 
 
@@ -47,7 +48,8 @@ def exit_on_user_error(task):
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
         except Preempted as stop:  # a checkpoint was written: nothing to clean up
-            print(f"stopped: {stop}", file=sys.stderr)
+            if launched_rank() == 0:
+                print(f"stopped: {stop}", file=sys.stderr)
             sys.exit(stop.exit_code)
         except BaseException:
             _clean_run_dir()
