@@ -17,6 +17,7 @@ from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseExceptio
 
 from moco.errors import ConfigError
 from moco.model import queue_too_small
+from moco.optim import PRETRAINING_ONLY
 from moco.run.loggers import check_loggers
 
 PRECISIONS = (
@@ -218,6 +219,13 @@ def check_eval(cfg: DictConfig) -> None:
         raise ConfigError(
             "checkpoint is required: checkpoint=runs/.../checkpoints/last.ckpt, raw or random"
         )
+    if "probe" in cfg:  # before the lr reference, which such an optimizer has no entry for
+        for name, opt in optimizers(cfg).items():
+            require(
+                opt.get("_target_") not in PRETRAINING_ONLY,
+                f"optimizer {name} ({opt._target_}) is for pretraining only: the probe takes one "
+                "of the six classic optimizers (sgd, momentum, nesterov, adagrad, rmsprop, adam)",
+            )
     # Not resolved here: the probe's lr refers to Hydra's runtime choices (checked below).
     known_and_set(cfg)
     require(

@@ -180,9 +180,14 @@ class RMSPropConfig(OptimizerConfig):
 
 
 @dataclass
-class AdamConfig(OptimizerConfig):
+class AdamConfig(OptimizerConfig):  # moco.optim.Adam, torch.optim.AdamW
     betas: list[float] = MISSING
     eps: float = MISSING
+
+
+@dataclass
+class LarsConfig(MomentumOptimizerConfig):
+    trust_coefficient: float = MISSING
 
 
 @dataclass
@@ -273,6 +278,7 @@ SCHEMAS = {
     "optimizer_adagrad": AdaGradConfig,
     "optimizer_rmsprop": RMSPropConfig,
     "optimizer_adam": AdamConfig,
+    "optimizer_lars": LarsConfig,
     "scheduler_step": StepSchedulerConfig,
     "trainer_ddp": DdpTrainerConfig,
 }
