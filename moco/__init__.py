@@ -1,6 +1,6 @@
 """moco: Momentum Contrast self-supervised learning with PyTorch Lightning and Hydra."""
 
-__all__ = ["MoCo", "load_backbone"]
+__all__ = ["MoCo", "MoCoV3", "load_backbone"]
 
 
 def __getattr__(name: str):
@@ -10,6 +10,10 @@ def __getattr__(name: str):
         from moco.model import MoCo
 
         return MoCo
+    if name == "MoCoV3":
+        from moco.model_v3 import MoCoV3
+
+        return MoCoV3
     if name == "load_backbone":  # the frozen backbone of any MoCo checkpoint (moco/weights.py)
         from moco.weights import load_backbone
 

@@ -2,7 +2,8 @@
 
 A checkpoint's encoder is rebuilt from its encoder spec (``moco.encoders.EncoderSpec``, saved as
 ``encoder_spec``; files written before it existed carry the same keys among their
-hyper-parameters) and filled with its ``encoder_q`` weights.
+hyper-parameters) and filled with its query encoder's weights: ``encoder_q.*`` (MoCo v1/v2, the
+supervised reference) or ``base_encoder.*`` (MoCo v3, the projector in the backbone's slot).
 
 Every script that reads a checkpoint goes through ``load_weights_only`` (``read_checkpoint``
 for Lightning checkpoints, ``moco.weights`` for any MoCo weights): ``torch.load`` with
@@ -17,10 +18,12 @@ from pathlib import Path
 
 import torch
 
-from moco.encoders import BACKBONES, Encoder, EncoderSpec, build_backbone
+from moco.encoders import BACKBONES, Encoder, EncoderSpec, build_backbone, slot_to_encoder_keys
 from moco.errors import ConfigError, DataError, MocoUserError
 
-PREFIX = "encoder_q."  # the query encoder is the one trained by gradient (the key encoder lags it)
+# The query encoder is the one trained by gradient (the key encoder lags it). Its prefix in a
+# checkpoint's state dict: v1/v2 (Encoder's layout) and v3 (the slot layout, moco/encoders.py).
+PREFIX, V3_PREFIX = "encoder_q.", "base_encoder."
 # The encoder spec's keys a checkpoint must hold, and the type each must have.
 REQUIRED_HPARAMS = {"backbone": str, "in_channels": int, "image_size": int, "head": str, "dim": int}
 FROM_PRETRAIN = "use a checkpoint as scripts/pretrain.py wrote it"
@@ -91,11 +94,11 @@ def check_moco_checkpoint(checkpoint: dict, path: Path) -> dict:
     if (
         not isinstance(hparams, dict)
         or any(k not in hparams for k in REQUIRED_HPARAMS)
-        or not any(str(k).startswith(PREFIX) for k in checkpoint["state_dict"])
+        or not any(str(k).startswith((PREFIX, V3_PREFIX)) for k in checkpoint["state_dict"])
     ):
         raise DataError(
-            f"{path} is not a MoCo checkpoint (no encoder_q weights or MoCo hyper-parameters): "
-            "give a checkpoint written by scripts/pretrain.py"
+            f"{path} is not a MoCo checkpoint (no encoder_q or base_encoder weights, or no MoCo "
+            "hyper-parameters): give a checkpoint written by scripts/pretrain.py"
         )
     for key, kind in REQUIRED_HPARAMS.items():
         # bool is an int subclass; in_channels=True is as wrong as in_channels="3".
@@ -124,11 +127,14 @@ def query_encoder(checkpoint: dict, path: Path) -> Encoder:
         encoder = spec.build()
     except MocoUserError as exc:  # e.g. a backbone this version of the code does not know
         raise DataError(f"{path}: {exc}") from None
+    prefix = V3_PREFIX if spec.slot else PREFIX
     weights = {
-        k[len(PREFIX) :]: v
+        k[len(prefix) :]: v
         for k, v in checkpoint["state_dict"].items()
-        if isinstance(k, str) and k.startswith(PREFIX)
+        if isinstance(k, str) and k.startswith(prefix)
     }
+    if spec.slot:  # MoCo v3: the projector sits in the backbone's own slot
+        weights = slot_to_encoder_keys(weights, spec.slot)
     problem = state_dict_mismatch(encoder.state_dict(), weights)
     if problem:
         guess = _guess_backbone(weights, hp)
@@ -138,7 +144,7 @@ def query_encoder(checkpoint: dict, path: Path) -> Encoder:
                 f"backbone={hp['backbone']}: the file was edited or mixed up; {FROM_PRETRAIN}"
             )
         raise DataError(
-            f"{path}: the encoder_q weights do not fit the {hp['backbone']} encoder its "
+            f"{path}: the {prefix[:-1]} weights do not fit the {hp['backbone']} encoder its "
             f"hyper-parameters describe ({problem}); {FROM_PRETRAIN}"
         )
     encoder.load_state_dict(weights)

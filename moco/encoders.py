@@ -1,5 +1,14 @@
-"""Encoders: a torchvision ResNet backbone plus a projection head."""
+"""Encoders: a torchvision ResNet backbone plus a projection head.
 
+Two layouts of the same pieces: ``Encoder`` holds ``backbone`` and ``head`` side by side (MoCo
+v1/v2: keys ``backbone.*``, ``head.*``); MoCo v3 puts the projector into the backbone's own last
+slot (a ResNet's ``fc``), as the official code does, so its keys are the network's (``conv1.*``
+... ``fc.*``). ``head_in_slot`` makes the second from the first, ``slot_view`` gives it the
+``Encoder`` interface back, and ``slot_to_encoder_keys`` renames weights between the two.
+"""
+
+import copy
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 
@@ -11,7 +20,16 @@ from moco.batchnorm import SplitBatchNorm
 from moco.errors import ConfigError
 
 BACKBONES = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
-HEADS = ("linear", "mlp")
+HEADS = ("linear", "mlp")  # MoCo v1 and v2 (model.head)
+# MoCo v3: the projector (BN in every layer, the last without affine). Not among model.head's
+# choices: MoCoV3 always builds it, with model.mlp_dim hidden units.
+V3_HEAD = "v3_mlp"
+ALL_HEADS = (*HEADS, V3_HEAD)
+# The attribute of a backbone network that held its classifier: where MoCo v3 puts the
+# projector. A ViT backbone adds its own ("head") here.
+SLOTS = {"resnet18": "fc", "resnet50": "fc"}
+# Linear layers of the v3 projector: 2 for ResNets, 3 for ViTs (the paper, Sec. 4).
+V3_PROJECTOR_LAYERS = {"resnet18": 2, "resnet50": 2}
 # The layers before the first residual block:
 # - small: 3x3 stride-1 conv, no max-pool (the MoCo CIFAR demo): full resolution in layer1;
 # - small_pool: the same conv, then torchvision's 3x3 stride-2 max-pool: layer1 runs at half the
@@ -51,15 +69,57 @@ def build_backbone(
     return net
 
 
-def build_head(kind: str, in_dim: int, out_dim: int) -> nn.Module:
-    """MoCo v1: one linear layer. MoCo v2: a 2-layer MLP, hidden layer as wide as the input."""
+def zero_init_residual(net: nn.Module) -> None:
+    """Zero the scale of each residual block's last BatchNorm, so every block starts as the
+    identity (torchvision's ``zero_init_residual=True``, which the official MoCo v3 uses)."""
+    for block in net.modules():
+        if isinstance(block, torchvision.models.resnet.Bottleneck):
+            nn.init.zeros_(block.bn3.weight)
+        elif isinstance(block, torchvision.models.resnet.BasicBlock):
+            nn.init.zeros_(block.bn2.weight)
+
+
+def build_head(
+    kind: str, in_dim: int, out_dim: int, mlp_dim: int | None = None, layers: int = 2
+) -> nn.Module:
+    """MoCo v1: one linear layer. MoCo v2: a 2-layer MLP, hidden layer as wide as the input.
+    MoCo v3: ``v3_mlp``, the projector of ``v3_mlp`` with ``layers`` layers of ``mlp_dim``."""
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
     if kind == "mlp":
         return nn.Sequential(
             nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim)
         )
-    raise ConfigError(f"unknown head '{kind}': choose one of {list(HEADS)}")
+    if kind == V3_HEAD:
+        if mlp_dim is None:
+            raise ConfigError(f"head {V3_HEAD} needs mlp_dim, the width of its hidden layers")
+        return v3_mlp(layers, in_dim, mlp_dim, out_dim, last_bn=True)
+    raise ConfigError(f"unknown head '{kind}': choose one of {list(ALL_HEADS)}")
+
+
+def v3_mlp(layers: int, in_dim: int, mlp_dim: int, out_dim: int, last_bn: bool) -> nn.Sequential:
+    """The MLP of MoCo v3's projector and predictor: Linear (no bias: a BatchNorm follows, whose
+    shift makes a bias redundant), BatchNorm1d and ReLU between layers, and after the last layer
+    a BatchNorm1d without affine parameters (as SimCLR, without its scale) if ``last_bn``.
+    The indices of the Sequential are those of the official code, so its weights load as they
+    are: 2 layers -> 0 Linear, 1 BN, 2 ReLU, 3 Linear[, 4 BN]."""
+    parts: list[nn.Module] = []
+    for i in range(layers):
+        last = i == layers - 1
+        width_in, width_out = in_dim if i == 0 else mlp_dim, out_dim if last else mlp_dim
+        parts.append(nn.Linear(width_in, width_out, bias=False))
+        if not last:
+            parts += [nn.BatchNorm1d(mlp_dim), nn.ReLU(inplace=True)]
+        elif last_bn:
+            parts.append(nn.BatchNorm1d(out_dim, affine=False))
+    return nn.Sequential(*parts)
+
+
+def build_predictor(backbone: str, dim: int, mlp_dim: int) -> nn.Sequential:
+    """MoCo v3's predictor (base encoder only): 2 layers, dim -> mlp_dim -> dim; its output has
+    no BatchNorm for ResNets, and one without affine for ViTs (the official code)."""
+    resnet = SLOTS.get(backbone) == "fc"
+    return v3_mlp(2, dim, mlp_dim, dim, last_bn=not resnet)
 
 
 class Encoder(nn.Module):
@@ -81,6 +141,41 @@ class Encoder(nn.Module):
         return self.head(self.backbone(images))
 
 
+def head_in_slot(encoder: Encoder, slot: str) -> nn.Module:
+    """The backbone network of ``encoder`` with the head in its ``slot`` (MoCo v3's layout): one
+    module whose forward gives the embedding and whose keys are the network's own. Shares its
+    modules with ``encoder``."""
+    net = encoder.backbone
+    setattr(net, slot, encoder.head)
+    return net
+
+
+def slot_view(net: nn.Module, slot: str, channels_last: bool = False) -> Encoder:
+    """``net`` (the head in its ``slot``) as an ``Encoder``: the same modules, so the same
+    weights, seen as ``backbone`` (the network with an empty slot) and ``head``.
+
+    Built anew on every call from ``net``'s current modules, so it stays right after modules of
+    ``net`` were replaced (SyncBatchNorm). Its ``backbone`` is a shallow copy of ``net`` with its
+    own table of sub-modules: the network's forward, minus the slot."""
+    backbone = copy.copy(net)
+    backbone._modules = OrderedDict(net._modules)
+    setattr(backbone, slot, nn.Identity())
+    view = Encoder(backbone, getattr(net, slot))
+    # Set after construction: Encoder would otherwise convert the (shared) weights once more.
+    view.channels_last = channels_last
+    return view
+
+
+def slot_to_encoder_keys(state: dict, slot: str) -> dict:
+    """Weights of the slot layout (``conv1.weight``, ``fc.0.weight``) under ``Encoder``'s names
+    (``backbone.conv1.weight``, ``head.0.weight``)."""
+    prefix = f"{slot}."
+    return {
+        f"head.{k[len(prefix) :]}" if k.startswith(prefix) else f"backbone.{k}": v
+        for k, v in state.items()
+    }
+
+
 @dataclass(frozen=True)
 class EncoderSpec:
     """What fixes an encoder's architecture. Every checkpoint carries one (``encoder_spec``), and
@@ -90,14 +185,22 @@ class EncoderSpec:
     stem: str  # one of STEMS (auto is resolved against image_size when built)
     in_channels: int
     image_size: int
-    head: str  # one of HEADS
+    head: str  # one of ALL_HEADS
     dim: int  # output of the head: the embedding (MoCo) or the classes (supervised)
     channels_last: bool = False
+    mlp_dim: int | None = None  # hidden width of the v3 projector (None for the other heads)
 
     def build(self, bn_splits: int = 1) -> "Encoder":
         net = build_backbone(self.backbone, self.in_channels, self.image_size, bn_splits, self.stem)
-        head = build_head(self.head, net.feature_dim, self.dim)
+        layers = V3_PROJECTOR_LAYERS.get(self.backbone, 2)
+        head = build_head(self.head, net.feature_dim, self.dim, self.mlp_dim, layers)
         return Encoder(net, head, self.channels_last)
+
+    @property
+    def slot(self) -> str | None:
+        """Where the head sits in the trained module's weights: the backbone's slot (MoCo v3's
+        layout), or None for ``Encoder``'s own (``backbone.*``, ``head.*``)."""
+        return SLOTS.get(self.backbone, "head") if self.head == V3_HEAD else None
 
     def to_dict(self) -> dict:
         return asdict(self)

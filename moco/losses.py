@@ -1,4 +1,4 @@
-"""InfoNCE, the contrastive loss of MoCo."""
+"""InfoNCE, the contrastive loss of MoCo: against a queue (v1/v2), or in the batch (v3)."""
 
 import torch
 import torch.nn.functional as F
@@ -31,3 +31,33 @@ def info_nce(
 def contrastive_top1(logits: torch.Tensor) -> torch.Tensor:
     """Fraction of queries whose positive (column 0) has the largest logit."""
     return (logits.argmax(dim=1) == 0).float().mean()
+
+
+def in_batch_info_nce(
+    q: torch.Tensor, keys: torch.Tensor, temperature: float, rank: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo v3's contrastive loss: each query against the keys of the whole global batch.
+
+    q: N x C queries of this rank; keys: (world*N) x C, every rank's keys in rank order (so the
+    positive of query i on rank r is key r*N + i, the other keys are its negatives); all rows
+    L2-normalised. Returns ``(loss, logits)``, logits N x (world*N). The cross-entropy is scaled
+    by 2T, as in the paper's Algorithm 1: the gradient of CE/T grows as 1/T, the factor keeps
+    its size about the same whatever T is.
+    """
+    # fp32 under autocast, as in info_nce.
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q, keys = q.float(), keys.detach().float()  # keys are targets: no gradient
+        logits = (q / temperature) @ keys.T  # N x (world*N)
+        labels = in_batch_labels(q.shape[0], rank, q.device)  # N
+        return F.cross_entropy(logits, labels) * (2 * temperature), logits
+
+
+def in_batch_labels(n: int, rank: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The column of each of rank ``rank``'s ``n`` queries' positive among the gathered keys."""
+    return torch.arange(n, device=device) + n * rank
+
+
+def in_batch_top1(logits: torch.Tensor, rank: int = 0) -> torch.Tensor:
+    """Fraction of queries whose positive key (``in_batch_labels``) has the largest logit."""
+    labels = in_batch_labels(logits.shape[0], rank, logits.device)
+    return (logits.argmax(dim=1) == labels).float().mean()

@@ -12,7 +12,7 @@ from moco.divergence import DivergenceGuard, refuse_non_finite_weights
 from moco.encoders import EncoderSpec
 from moco.errors import ConfigError
 from moco.losses import contrastive_top1, info_nce
-from moco.momentum import cosine_momentum, momentum_update
+from moco.momentum import momentum_update, scheduled_momentum
 from moco.optim.scheduled import lightning_optimizer
 from moco.queue import KeyQueue
 from moco.settings import plain_settings
@@ -130,12 +130,9 @@ class MoCo(pl.LightningModule):
         return self.encoder_k(im_k)
 
     def _current_momentum(self) -> float:
-        m = self.hparams.momentum
-        if self.hparams.momentum_schedule == "cosine" and self._trainer is not None:
-            return cosine_momentum(
-                m, self.global_step, int(self.trainer.estimated_stepping_batches)
-            )
-        return m
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else None
+        hp = self.hparams
+        return scheduled_momentum(hp.momentum, hp.momentum_schedule, self.global_step, total)
 
     def setup(self, stage: str) -> None:
         # The config check counts devices x nodes; this is the world Lightning really started.

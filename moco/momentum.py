@@ -30,3 +30,11 @@ def cosine_momentum(base_m: float, step: int, total_steps: int) -> float:
         return base_m
     progress = min(step / total_steps, 1.0)
     return 1.0 - (1.0 - base_m) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
+
+def scheduled_momentum(base_m: float, schedule: str, step: int, total_steps: int | None) -> float:
+    """m at optimizer step ``step`` of ``total_steps`` under ``schedule`` (MOMENTUM_SCHEDULES);
+    ``total_steps`` None (no trainer yet): ``base_m``."""
+    if schedule == "cosine" and total_steps is not None:
+        return cosine_momentum(base_m, step, total_steps)
+    return base_m

@@ -2,7 +2,8 @@
 
 ``read_weights`` knows these formats (the file's name plays no part):
 
-- ``pretrain``: this project's Lightning checkpoint (``encoder_q.*`` and ``encoder_spec``);
+- ``pretrain``: this project's Lightning checkpoint (``encoder_q.*`` or, MoCo v3,
+  ``base_encoder.*``, and ``encoder_spec``);
 - ``export``: a torchvision state dict with its ``<file>.json`` (scripts/export.py);
 - ``safetensors``: the same tensors with the JSON's facts in the file's metadata;
 - ``moco_v1_v2`` / ``moco_v3``: facebookresearch's ``module.encoder_q.*`` /
@@ -29,7 +30,15 @@ from moco.checkpoint import (
     query_encoder,
     state_dict_mismatch,
 )
-from moco.encoders import BACKBONES, Encoder, build_backbone, build_head, resolve_stem
+from moco.encoders import (
+    BACKBONES,
+    V3_HEAD,
+    V3_PROJECTOR_LAYERS,
+    Encoder,
+    build_backbone,
+    build_head,
+    resolve_stem,
+)
 from moco.errors import ConfigError, DataError
 
 KNOWN = (
@@ -50,12 +59,13 @@ class Weights:
     in_channels: int
     image_size: int | None  # None: the file does not say
     backbone: dict
-    head: str | None = None  # linear or mlp: the file holds a MoCo projection head
+    head: str | None = None  # linear, mlp or v3_mlp: the file holds a MoCo projection head
     head_state: dict | None = None
     dim: int | None = None
     channels_last: bool = False  # the memory format the encoder trained in (speed only)
     stem_said: bool = True  # False: guessed from conv1 alone (a state dict cannot say max-pool)
     info: dict = field(default_factory=dict)  # epoch, global_step when the file has them
+    mlp_dim: int | None = None  # hidden width of a v3_mlp head
 
     def build_backbone(self) -> nn.Module:
         # The stem is resolved, so the image size given to build_backbone plays no part.
@@ -69,7 +79,7 @@ class Weights:
         """Backbone and head (``head`` None when the file has none)."""
         head = None
         if self.head is not None:
-            head = build_head(self.head, _stock_resnet(self.architecture)[1], self.dim)
+            head = _head(self.head, self.architecture, self.dim, self.mlp_dim)
             head.load_state_dict(self.head_state)
         return Encoder(self.build_backbone(), head, self.channels_last)
 
@@ -151,6 +161,7 @@ def _pretrain(checkpoint: dict, path: Path) -> Weights:
         spec.dim,
         spec.channels_last,
         info={k: checkpoint.get(k) for k in ("epoch", "global_step")},
+        mlp_dim=spec.mlp_dim,
     )
 
 
@@ -177,7 +188,8 @@ def _refuse_other_architectures(arch, path: Path) -> None:
 
 def _official(checkpoint: dict, state: dict, path: Path, prefix: str, fmt: str) -> Weights:
     """facebookresearch/moco (v1/v2: ``fc`` is the MoCo head) or moco-v3 (``fc`` is the
-    projector, dropped) as main_moco.py saves them (``module.`` already taken off)."""
+    projector, read as a ``v3_mlp`` head) as main_moco.py saves them (``module.`` already taken
+    off); an ``fc`` of another shape is dropped."""
     state = {k[len(prefix) :]: v for k, v in state.items() if str(k).startswith(prefix)}
     weights = _from_resnet(state, path, fmt, {})
     arch = checkpoint.get("arch")
@@ -185,21 +197,31 @@ def _official(checkpoint: dict, state: dict, path: Path, prefix: str, fmt: str) 
         raise DataError(f"{path} says arch={arch} but holds {weights.architecture} weights")
     info = {"epoch": checkpoint.get("epoch")}
     fc = {k[3:]: v for k, v in state.items() if k.startswith("fc.")}
-    head, dim = _moco_head(fc) if fmt == "moco_v1_v2" else (None, None)
-    if head is not None:
+    head, dim, mlp_dim = _moco_head(fc)
+    if head is not None and (head == V3_HEAD) == (fmt == "moco_v3"):
         with torch.device("meta"):
-            expected = build_head(head, _stock_resnet(weights.architecture)[1], dim).state_dict()
+            expected = _head(head, weights.architecture, dim, mlp_dim).state_dict()
         if not state_dict_mismatch(expected, fc):
-            return replace(weights, head=head, head_state=fc, dim=dim, info=info)
+            found = {"head": head, "head_state": fc, "dim": dim, "mlp_dim": mlp_dim}
+            return replace(weights, **found, info=info)
     return replace(weights, info=info)
 
 
-def _moco_head(fc: dict) -> tuple[str | None, int | None]:
+def _moco_head(fc: dict) -> tuple[str | None, int | None, int | None]:
+    """The head kind of an official ``fc``, its output size and (v3) hidden width."""
     if set(fc) == {"weight", "bias"}:
-        return "linear", fc["weight"].shape[0]
+        return "linear", fc["weight"].shape[0], None
     if set(fc) == {"0.weight", "0.bias", "2.weight", "2.bias"}:
-        return "mlp", fc["2.weight"].shape[0]
-    return None, None
+        return "mlp", fc["2.weight"].shape[0], None
+    if {"0.weight", "3.weight", "4.running_mean"} <= set(fc) and fc["0.weight"].dim() == 2:
+        return V3_HEAD, fc["3.weight"].shape[0], fc["0.weight"].shape[0]
+    return None, None, None
+
+
+def _head(kind: str, architecture: str, dim: int, mlp_dim: int | None):
+    """A head of ``kind`` on the features of a stock ``architecture``."""
+    layers = V3_PROJECTOR_LAYERS.get(architecture, 2)
+    return build_head(kind, _stock_resnet(architecture)[1], dim, mlp_dim, layers)
 
 
 @cache

@@ -59,7 +59,7 @@ def _random_encoder(data_cfg: DictConfig, spec: EncoderSpec, seed: int) -> EvalE
 
 def _checkpoint_encoder(path: Path, data_cfg: DictConfig) -> EvalEncoder:
     """Any file moco.weights knows: a pretraining checkpoint, an export, an official MoCo
-    checkpoint or torchvision weights (only pretraining and MoCo v1/v2 files have a head)."""
+    checkpoint or torchvision weights (pretraining and official MoCo files have a head)."""
     # A file torch cannot read safely gets the message the eval scripts always gave.
     weights = read_weights(path, hint=FROM_PRETRAIN)
     if weights.in_channels != data_cfg.channels:

@@ -164,8 +164,10 @@ def check_pretrain(cfg: DictConfig) -> None:
     for key in ("every_n_steps", "every_minutes"):
         value = cfg.checkpoint[key]
         require(value >= 0, f"{setting(f'checkpoint.{key}', value)} must be >= 0 (0: off)")
-    if "queue_size" in model:  # MoCo; the supervised reference has no MoCo keys to check
+    if "queue_size" in model:  # MoCo v1/v2; the supervised reference has no MoCo keys to check
         _check_moco(model, data, trainer)
+    elif "mlp_dim" in model:  # MoCo v3: no queue, no BN splits
+        _check_moco_v3(model, data)
     if cfg.eval.enabled:
         check_knn_monitor(cfg.eval)
     check_loggers(cfg.logger)  # a tracker's package missing
@@ -197,6 +199,26 @@ def _check_moco(model: DictConfig, data: DictConfig, trainer: DictConfig) -> Non
     world = trainer.devices * trainer.num_nodes if isinstance(trainer.devices, int) else 1
     problem = queue_too_small(model.queue_size, data.batch_size, world, model.symmetric)
     require(problem is None, problem or "")
+
+
+def _check_moco_v3(model: DictConfig, data: DictConfig) -> None:
+    for key in ("dim", "mlp_dim"):
+        require(model[key] >= 1, f"{setting(f'model.{key}', model[key])} must be >= 1")
+    require(
+        model.temperature > 0,
+        f"{setting('model.temperature', model.temperature)} must be > 0 (paper: 1.0 for "
+        "ResNets, 0.2 for ViTs)",
+    )
+    require(
+        0 <= model.momentum < 1,
+        f"{setting('model.momentum', model.momentum)} must be in [0, 1) (paper: 0.99)",
+    )
+    # The projector's and predictor's BatchNorm1d cannot normalise a batch of one sample.
+    require(
+        data.batch_size >= 2,
+        f"{setting('data.batch_size', data.batch_size)} must be >= 2: MoCo v3's BatchNorm "
+        "needs two samples per process",
+    )
 
 
 def check_knn_monitor(c: DictConfig) -> None:

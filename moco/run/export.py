@@ -22,12 +22,14 @@ import torch
 from torch import nn
 
 from moco.checkpoint import FROM_PRETRAIN, query_encoder, read_moco_checkpoint, sha256
+from moco.encoders import V3_HEAD
 from moco.errors import ConfigError, DataError
 from moco.run.export_formats import (
     FORMATS,
     encode,
     moco_checkpoint,
     moco_contents,
+    moco_v3_checkpoint,
     refuse_unless_stock_stem,
 )
 from moco.weights import read_weights
@@ -83,7 +85,8 @@ def export_backbone(
     ``default_output``) plus its metadata JSON. Returns the export path and the metadata.
     ``checkpoint`` is any file moco.weights reads, so this also converts between formats.
     ``fmt=moco`` of a pretraining checkpoint writes the whole official MoCo checkpoint (both
-    encoders and the queue); of another file, the query encoder it holds."""
+    encoders and the queue; MoCo v3: base and momentum encoders and predictor); of another
+    file, the query encoder it holds."""
     fmt = str(fmt)  # the schema's enum member, or a plain string
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt} is unknown: use one of {list(FORMATS)}")
@@ -109,7 +112,9 @@ def export_backbone(
     backbone = encoder.backbone
     facts = stem_facts(backbone)
     refuse_unless_stock_stem(fmt, facts)
-    if fmt in ("moco", "detectron2"):
+    if fmt in ("moco", "detectron2") and weights.head == V3_HEAD:  # MoCo v3's own layout
+        payload = moco_v3_checkpoint(state, encoder, weights.architecture, ckpt.get("epoch"))
+    elif fmt in ("moco", "detectron2"):
         payload = moco_checkpoint(
             state, encoder, weights.architecture, ckpt.get("epoch"), checkpoint
         )

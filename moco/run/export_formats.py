@@ -9,7 +9,13 @@ MLP of v2) and the queue as ``module.queue`` (dim x K) and ``module.queue_ptr``.
 unchanged. The optimizer state is left empty: those read the weights only, and a
 ``main_moco.py --resume`` cannot continue from it.
 
-``format=detectron2`` writes what that conversion script writes from such a file.
+A MoCo v3 model is written in the layout of facebookresearch/moco-v3 ``main_moco.py`` instead:
+``module.base_encoder.*`` (the projector as ``fc``), ``module.momentum_encoder.*`` and
+``module.predictor.*``, which are this project's own names (``moco.model_v3``), so the tensors go
+over one to one. Its ``main_lincls.py --pretrained`` reads it.
+
+``format=detectron2`` writes what that conversion script writes from such a file (v3: from the
+base encoder).
 
 Both rebuild the stock ImageNet ResNet (3 input channels, 7x7 stride-2 conv1, max-pool) from
 the architecture name alone, so a model with another stem is refused before anything is written.
@@ -35,6 +41,9 @@ FORMATS = {
 STOCK_STEM_ONLY = ("moco", "detectron2")  # rebuilt as torchvision.models.<arch>() / detectron2
 # What the official MoCo files carry besides encoder_q (a supervised reference has neither).
 KEY_ENCODER, QUEUE_KEYS, QUEUE_PTR = "encoder_k.", "queue.keys", "queue.ptr"
+# The parts of an official file, v1/v2 then v3 (a v3 file's query encoder is base_encoder).
+PARTS = ("encoder_q", "encoder_k", "queue", "base_encoder", "momentum_encoder", "predictor")
+V3_PARTS = PARTS[3:]
 # detection/convert-pretrain-to-detectron2.py, in its order.
 DETECTRON2_RENAMES = (
     ("layer1", "res2"),
@@ -52,7 +61,8 @@ USAGE = {  # how to load it, printed by scripts/export.py (.format(arch=..., pat
     "weights_only=True), strict=False)",
     "safetensors": "torchvision.models.{arch}().load_state_dict("
     "safetensors.torch.load_file('{path}'), strict=False)",
-    "moco": "python main_lincls.py -a {arch} --pretrained {path} ... (facebookresearch/moco)",
+    "moco": "python main_lincls.py -a {arch} --pretrained {path} ... (facebookresearch/moco; "
+    "moco-v3 for a MoCo v3 model)",
     "detectron2": "MODEL.WEIGHTS {path}, MODEL.RESNETS.STRIDE_IN_1X1 False (torchvision's "
     "stride), INPUT.FORMAT RGB, PIXEL_MEAN/STD of pretraining x 255; resnet50 for MoCo's R50 "
     "configs, resnet18 only with an FPN config (DEPTH 18, RES2_OUT_CHANNELS 64); NumPy 2 wrote "
@@ -114,12 +124,26 @@ def moco_checkpoint(state_dict: dict, encoder: nn.Module, arch: str, epoch, path
     return {"epoch": finished, "arch": arch, "state_dict": out, "optimizer": {}}
 
 
+def moco_v3_checkpoint(state_dict: dict, encoder: nn.Module, arch: str, epoch) -> dict:
+    """The official MoCo v3 checkpoint: the base encoder from ``encoder`` (our ``Encoder``,
+    checked by ``query_encoder``: the backbone, the projector as ``fc``), and the momentum encoder
+    and predictor of a pretraining ``state_dict`` as they are (their names are the official
+    ones); a file with the base encoder only (an official one converted back) has neither."""
+    out = {f"module.base_encoder.{k}": v for k, v in _as_torchvision(encoder.state_dict()).items()}
+    for key, value in state_dict.items():
+        if key.startswith(tuple(f"{part}." for part in V3_PARTS[1:])):
+            out[f"module.{key}"] = value.detach().contiguous()
+    finished = 0 if epoch is None else int(epoch) + 1  # as in moco_checkpoint
+    return {"epoch": finished, "arch": arch, "state_dict": out, "optimizer": {}}
+
+
 def moco_contents(moco_state_dict: dict) -> list[str]:
-    """Which of encoder_q, encoder_k and the queue a MoCo state dict holds."""
+    """Which parts of an official MoCo file (PARTS) a MoCo state dict holds."""
     return [
         part
-        for part in ("encoder_q", "encoder_k", "queue")
-        if any(k.startswith(f"module.{part}") for k in moco_state_dict)
+        for part in PARTS
+        if f"module.{part}" in moco_state_dict  # the queue is one tensor
+        or any(k.startswith(f"module.{part}.") for k in moco_state_dict)
     ]
 
 
@@ -129,10 +153,12 @@ def detectron2_model(moco_state_dict: dict) -> dict:
     the head is kept too, as ``stem.fc.*``: no detectron2 model has such a key, so it loads the
     backbone and leaves them unused (its checkpointer logs them)."""
     model = {}
+    v3 = any(k.startswith("module.base_encoder.") for k in moco_state_dict)
+    prefix = "module.base_encoder." if v3 else "module.encoder_q."
     for key, value in moco_state_dict.items():
-        if not key.startswith("module.encoder_q."):
+        if not key.startswith(prefix):
             continue
-        key = key.replace("module.encoder_q.", "")
+        key = key.replace(prefix, "")
         if "layer" not in key:
             key = f"stem.{key}"
         for old, new in DETECTRON2_RENAMES:

@@ -150,6 +150,16 @@ class MocoModelConfig(TrainingKeys, EncoderKeys):
 
 
 @dataclass
+class MocoV3ModelConfig(TrainingKeys, EncoderKeys):
+    dim: int = MISSING
+    mlp_dim: int = MISSING
+    momentum: float = MISSING
+    momentum_schedule: MomentumSchedule = MISSING
+    temperature: float = MISSING
+    sync_bn: bool = MISSING
+
+
+@dataclass
 class SupervisedModelConfig(TrainingKeys, EncoderKeys):
     num_classes: int = MISSING
 
@@ -249,7 +259,7 @@ class PretrainConfig:
     data: DataConfig = MISSING
     augment: AugmentConfig = MISSING
     backbone: BackboneConfig = MISSING
-    model: Any = MISSING  # MocoModelConfig or SupervisedModelConfig, typed by its group option
+    model: Any = MISSING  # MocoModelConfig, MocoV3ModelConfig or SupervisedModelConfig (its option)
     optimizer: Any = MISSING  # one of the optimizer schemas, typed by its group option
     scheduler: SchedulerConfig = MISSING
     trainer: TrainerConfig = MISSING
@@ -272,6 +282,7 @@ SCHEMAS = {
     "data_fashion_mnist": FashionMnistDataConfig,
     "data_synthetic": SyntheticDataConfig,
     "model_moco": MocoModelConfig,
+    "model_moco_v3": MocoV3ModelConfig,
     "model_supervised": SupervisedModelConfig,
     "optimizer_plain": OptimizerConfig,
     "optimizer_momentum": MomentumOptimizerConfig,
