@@ -23,8 +23,9 @@ class VitSize(NamedTuple):
     mlp_dim: int
 
 
-# ViT-S has 12 heads here, not DeiT's 6: MoCo v3's paper and released vits.py use 12, so their
-# checkpoints compute the same function when loaded. The head count changes no parameter shape.
+# ViT-S has 12 heads here, not DeiT's 6: MoCo v3's released vits.py uses 12, and its checkpoints
+# compute the same function only with the same split. The head count changes no parameter shape,
+# so a 6-head model would load those weights silently and compute something else.
 VIT_SIZES = {
     "vit_small": VitSize(depth=12, heads=12, dim=384, mlp_dim=1536),
     "vit_base": VitSize(depth=12, heads=12, dim=768, mlp_dim=3072),
