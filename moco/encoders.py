@@ -18,18 +18,23 @@ from torch import nn
 
 from moco.batchnorm import SplitBatchNorm
 from moco.errors import ConfigError
+from moco.vit import VITS, build_vit
 
 BACKBONES = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
+# Every backbone a config may name: the ResNets above (which the weight readers and exports know
+# by their torchvision layout) and MoCo v3's ViTs (moco/vit.py: pretraining and evaluation of
+# this project's own checkpoints).
+ALL_BACKBONES = (*BACKBONES, *VITS)
 HEADS = ("linear", "mlp")  # MoCo v1 and v2 (model.head)
 # MoCo v3: the projector (BN in every layer, the last without affine). Not among model.head's
 # choices: MoCoV3 always builds it, with model.mlp_dim hidden units.
 V3_HEAD = "v3_mlp"
 ALL_HEADS = (*HEADS, V3_HEAD)
 # The attribute of a backbone network that held its classifier: where MoCo v3 puts the
-# projector. A ViT backbone adds its own ("head") here.
-SLOTS = {"resnet18": "fc", "resnet50": "fc"}
+# projector (torchvision's ViT calls it heads; the official timm-based code, head).
+SLOTS = {"resnet18": "fc", "resnet50": "fc"} | {name: "heads" for name in VITS}
 # Linear layers of the v3 projector: 2 for ResNets, 3 for ViTs (the paper, Sec. 4).
-V3_PROJECTOR_LAYERS = {"resnet18": 2, "resnet50": 2}
+V3_PROJECTOR_LAYERS = {"resnet18": 2, "resnet50": 2} | {name: 3 for name in VITS}
 # The layers before the first residual block:
 # - small: 3x3 stride-1 conv, no max-pool (the MoCo CIFAR demo): full resolution in layer1;
 # - small_pool: the same conv, then torchvision's 3x3 stride-2 max-pool: layer1 runs at half the
@@ -52,9 +57,12 @@ def resolve_stem(stem: str, image_size: int) -> str:
 def build_backbone(
     name: str, in_channels: int, image_size: int, bn_splits: int = 1, stem: str = "auto"
 ) -> nn.Module:
-    """A torchvision ResNet without its classifier: images (N x C x H x W) to features (N x D)."""
+    """A torchvision ResNet (or a ViT of moco/vit.py, which has no stem and no BatchNorm)
+    without its classifier: images (N x C x H x W) to features (N x D)."""
+    if name in VITS:
+        return build_vit(name, in_channels, image_size)
     if name not in BACKBONES:
-        raise ConfigError(f"unknown backbone '{name}': choose one of {sorted(BACKBONES)}")
+        raise ConfigError(f"unknown backbone '{name}': choose one of {sorted(ALL_BACKBONES)}")
     norm_layer = partial(SplitBatchNorm, num_splits=bn_splits) if bn_splits > 1 else nn.BatchNorm2d
     net = BACKBONES[name](weights=None, norm_layer=norm_layer)
     stem = resolve_stem(stem, image_size)

@@ -38,9 +38,9 @@ MODULES = ("base_encoder", "momentum_encoder", "predictor")
 
 
 class MoCoV3(pl.LightningModule):
-    """MoCo v3 (ResNet backbones; a ViT plugs in through ``moco.encoders``: its name in
-    ``BACKBONES``, its classifier attribute in ``SLOTS``, its projector depth in
-    ``V3_PROJECTOR_LAYERS``).
+    """MoCo v3 on any backbone of ``moco.encoders``: ResNets, or ViTs (``backbone=vit_small``,
+    ``moco/vit.py``). Per backbone, ``moco.encoders`` says the attribute that holds the
+    projector (``SLOTS``) and its depth (``V3_PROJECTOR_LAYERS``).
 
     Every argument comes from ``conf/model/moco_v3.yaml`` (defaults live there, not here);
     ``optimizer`` and ``scheduler`` as for ``moco.MoCo``.

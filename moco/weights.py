@@ -54,7 +54,7 @@ class Weights:
     """A file's backbone weights (torchvision names, no ``fc``) and the geometry to build them."""
 
     format: str  # pretrain, export, safetensors, moco_v1_v2, moco_v3 or torchvision
-    architecture: str  # a key of moco.encoders.BACKBONES
+    architecture: str  # one of moco.encoders.ALL_BACKBONES (ViTs: this project's files only)
     stem: str  # small, small_pool or imagenet
     in_channels: int
     image_size: int | None  # None: the file does not say
@@ -77,11 +77,12 @@ class Weights:
 
     def encoder(self) -> Encoder:
         """Backbone and head (``head`` None when the file has none)."""
-        head = None
+        net, head = self.build_backbone(), None
         if self.head is not None:
-            head = _head(self.head, self.architecture, self.dim, self.mlp_dim)
+            layers = V3_PROJECTOR_LAYERS.get(self.architecture, 2)
+            head = build_head(self.head, net.feature_dim, self.dim, self.mlp_dim, layers)
             head.load_state_dict(self.head_state)
-        return Encoder(self.build_backbone(), head, self.channels_last)
+        return Encoder(net, head, self.channels_last)
 
 
 def load_backbone(path, *, in_channels=None, image_size=None, stem=None) -> nn.Module:

@@ -387,3 +387,31 @@ def test_across_two_processes_every_rank_contrasts_with_all_keys(tmp_path):
     # The mean of the ranks' losses is the loss of the whole global batch on one process.
     whole = algorithm_1(torch.cat(qs), torch.cat(ks), 0.5)
     torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, whole)
+
+
+# ----------------------------------------------------------------------------------- ViT
+def test_a_vit_backbone_plugs_in_by_name(tmp_path):
+    """vit_small (moco/vit.py): a 3-layer projector in torchvision's classifier slot (heads), a
+    predictor ending in BatchNorm, and its checkpoints read back like a ResNet's."""
+    from moco.run.export import export_backbone
+
+    torch.manual_seed(7)
+    model = MoCoV3(**v3_hparams(backbone="vit_small", temperature=0.2))
+    linear = [m for m in model.base_encoder.heads if isinstance(m, nn.Linear)]
+    assert [m.in_features for m in linear] == [384, 16, 16] and linear[-1].out_features == 8
+    assert isinstance(model.predictor[-1], nn.BatchNorm1d) and not model.predictor[-1].affine
+    x = torch.randn(4, 3, 16, 16)
+    loss = model.training_step(((x, x.flip(3)), None), 0)
+    assert torch.isfinite(loss)
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    model.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "vit.ckpt")
+    net = moco.load_backbone(tmp_path / "vit.ckpt")
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model.encoder_q.backbone(x))
+    assert net.feature_dim == 384
+    with pytest.raises(ConfigError, match="export writes ResNet backbones"):
+        export_backbone(tmp_path / "vit.ckpt", "torchvision")
+    cfg = compose_config(["model=moco_v3", "backbone=vit_small", "data=synthetic"])
+    check_pretrain(cfg)

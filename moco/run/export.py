@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from moco.checkpoint import FROM_PRETRAIN, query_encoder, read_moco_checkpoint, sha256
-from moco.encoders import V3_HEAD
+from moco.encoders import BACKBONES, V3_HEAD
 from moco.errors import ConfigError, DataError
 from moco.run.export_formats import (
     FORMATS,
@@ -104,6 +104,11 @@ def export_backbone(
     # Any format moco.weights knows (a conversion); a file torch cannot read safely gets the
     # same hint as in the eval scripts.
     weights = read_weights(checkpoint, hint=FROM_PRETRAIN)
+    if weights.architecture not in BACKBONES:  # every format here is a ResNet layout
+        raise ConfigError(
+            f"export writes ResNet backbones; {checkpoint} holds a {weights.architecture}: "
+            "evaluate it with scripts/knn_eval.py or linear_probe.py, which read it"
+        )
     if weights.format == "pretrain":  # the whole run: key encoder and queue too
         ckpt = read_moco_checkpoint(checkpoint)
         encoder, state = query_encoder(ckpt, checkpoint), ckpt["state_dict"]

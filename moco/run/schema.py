@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 from omegaconf import MISSING
 
 from moco.data.datasets import LOADERS
-from moco.encoders import BACKBONES, HEADS, STEMS
+from moco.encoders import ALL_BACKBONES, HEADS, STEMS
 from moco.eval.features import LAYERS
 from moco.momentum import MOMENTUM_SCHEDULES
 from moco.optim.schedules import SCHEDULES
@@ -35,7 +35,7 @@ def choices(name: str, values) -> type[Choice]:
 
 
 DataName = choices("DataName", LOADERS)
-Backbone = choices("Backbone", BACKBONES)
+Backbone = choices("Backbone", ALL_BACKBONES)
 Stem = choices("Stem", STEMS)
 Head = choices("Head", HEADS)
 Schedule = choices("Schedule", SCHEDULES)
