@@ -415,3 +415,51 @@ def test_a_vit_backbone_plugs_in_by_name(tmp_path):
         export_backbone(tmp_path / "vit.ckpt", "torchvision")
     cfg = compose_config(["model=moco_v3", "backbone=vit_small", "data=synthetic"])
     check_pretrain(cfg)
+
+
+# ------------------------------------------------------------------------------- SyncBN
+def _setup_in(model: MoCoV3, world: int, device: str) -> None:
+    """``model.setup`` as Lightning calls it, in a world of ``world`` processes on ``device``."""
+    from types import SimpleNamespace
+
+    strategy = SimpleNamespace(root_device=torch.device(device))
+    model._trainer = SimpleNamespace(world_size=world, strategy=strategy)
+    model.setup("fit")
+
+
+def test_under_ddp_on_gpus_every_batchnorm_becomes_syncbatchnorm():
+    torch.manual_seed(8)
+    model = MoCoV3(**v3_hparams())
+    before = model.state_dict()
+    _setup_in(model, 2, "cuda")  # conversion only; nothing runs on the GPU here
+    for name in ("base_encoder", "momentum_encoder", "predictor"):
+        norms = [
+            m
+            for m in getattr(model, name).modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+        assert norms and all(isinstance(m, nn.SyncBatchNorm) for m in norms), name
+    after = model.state_dict()
+    assert list(after) == list(before)  # checkpoints keep the official names
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any(p.requires_grad for p in model.momentum_encoder.parameters())
+    view = model.encoder_q  # built from the converted modules: evaluation sees the same net
+    assert (
+        isinstance(view.backbone.bn1, nn.SyncBatchNorm)
+        and view.backbone.bn1 is model.base_encoder.bn1
+    )
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():  # eval mode: no sync, so it runs on the CPU
+        torch.testing.assert_close(view(x), model.base_encoder(x))
+
+
+@pytest.mark.parametrize(
+    "world,device,sync_bn", [(1, "cuda", True), (2, "cpu", True), (2, "cuda", False)]
+)
+def test_batchnorm_stays_per_process_otherwise(world, device, sync_bn, recwarn):
+    model = MoCoV3(**v3_hparams(sync_bn=sync_bn))
+    _setup_in(model, world, device)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    if device == "cpu":
+        assert any("SyncBatchNorm needs GPUs" in str(w.message) for w in recwarn)
