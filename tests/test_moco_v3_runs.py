@@ -10,14 +10,19 @@ import sys
 import time
 from pathlib import Path
 
+import hydra
 import pytest
+import pytorch_lightning as pl
 import torch
 import torchvision
 from conftest import compose_config
 from torch import nn
 
 import moco
+from moco.data import PretrainDataModule
+from moco.distributed import ddp_strategy
 from moco.encoders import V3_HEAD
+from moco.model_v3 import MoCoV3
 from moco.run.experiments import experiment_encoder_spec
 from moco.run.export import export_backbone
 from moco.run.export_formats import detectron2_model
@@ -233,3 +238,65 @@ def test_detectron2_export_of_v3_takes_the_base_encoder(v3_checkpoint, tmp_path)
 def test_random_baseline_of_the_v3_experiment_has_the_v3_projector():
     spec = experiment_encoder_spec("moco_v3_fashion_mnist")
     assert (spec.backbone, spec.head, spec.dim, spec.mlp_dim) == ("resnet18", V3_HEAD, 256, 2048)
+
+
+# --------------------------------------------------------------------- Lightning DDP, 2 CPUs
+class RecordingMoCoV3(MoCoV3):
+    """MoCoV3 that remembers the width of each step's logits (the keys it contrasted with)."""
+
+    def contrast(self, q, k):
+        loss, logits = super().contrast(q, k)
+        self.__dict__.setdefault("widths", []).append(logits.shape[1])
+        return loss, logits
+
+
+class SaveEnd(pl.Callback):
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, module):
+        torch.save(
+            {
+                "state": {k: v.clone() for k, v in module.state_dict().items()},
+                "widths": module.widths,
+                "lr": trainer.optimizers[0].param_groups[0]["initial_lr"],
+            },
+            self.out_dir / f"rank{trainer.global_rank}.pt",
+        )
+
+
+@pytest.mark.slow
+def test_two_process_ddp_fit_contrasts_with_both_ranks_keys_and_stays_in_step(tmp_path):
+    batch, steps = 4, 3
+    cfg = compose_config(
+        ["model=moco_v3", "data=synthetic", "data.image_size=8", f"data.batch_size={batch}",
+         "data.num_train=64", "model.dim=8", "model.mlp_dim=16"]
+    )  # fmt: skip
+    cfg.model._target_ = f"{__name__}.RecordingMoCoV3"
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ddp_strategy(start_method="spawn"),
+        use_distributed_sampler=False,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SaveEnd(tmp_path)],
+    )
+    trainer.fit(
+        hydra.utils.instantiate(cfg.model), datamodule=PretrainDataModule(cfg.data, cfg.augment)
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for seen in ranks:
+        # Two contrasts per step (one per view), each against the keys of both ranks.
+        assert seen["widths"] == [2 * batch] * (2 * steps)
+        assert seen["lr"] == pytest.approx(cfg.optimizer.lr * 2 * batch / 256)
+    # Gradients are averaged by DDP and the momentum update is the same everywhere: the
+    # encoders stay identical on both ranks (BatchNorm running statistics are per process).
+    weights = [
+        {k: v for k, v in r["state"].items() if "running_" not in k and "num_batches" not in k}
+        for r in ranks
+    ]
+    assert all(torch.equal(v, weights[1][k]) for k, v in weights[0].items())
