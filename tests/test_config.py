@@ -215,9 +215,11 @@ def test_null_max_epochs_with_max_steps_is_handled(default_with):
 
 
 FASHION_MNIST_EXPERIMENTS = ("moco_v1", "moco_v2", "supervised")
+# Every experiment on the Fashion-MNIST recipe (v3's came after the typed configs).
+ON_THE_RECIPE = (*FASHION_MNIST_EXPERIMENTS, "moco_v3_fashion_mnist")
 
 
-@pytest.mark.parametrize("experiment", FASHION_MNIST_EXPERIMENTS)
+@pytest.mark.parametrize("experiment", ON_THE_RECIPE)
 def test_fashion_mnist_experiments_apply_the_recipe_after_the_method(compose, experiment):
     recipe = OmegaConf.load(CONF_DIR / "recipe" / "fashion_mnist.yaml")
     tuned = compose([f"+experiment={experiment}"])
@@ -235,7 +237,7 @@ def test_fashion_mnist_experiments_apply_the_recipe_after_the_method(compose, ex
 
 
 def test_the_recipe_is_listed_by_the_experiments_not_picked_by_the_data_name(compose):
-    for name in FASHION_MNIST_EXPERIMENTS:
+    for name in ON_THE_RECIPE:
         text = (CONF_DIR / "experiment" / f"{name}.yaml").read_text()
         assert "/recipe/fashion_mnist" in text, name
     defaults = OmegaConf.load(CONF_DIR / "pretrain.yaml").defaults
