@@ -4,8 +4,9 @@ Chen, Xie and He 2021, "An Empirical Study of Training Self-Supervised Vision Tr
 Both views go through the base encoder (backbone + projector) and the predictor for queries,
 and through the momentum encoder (backbone + projector, no predictor) for keys; each view's
 queries are contrasted with the other view's keys. The module names are those of the official
-code (``base_encoder`` whose ``fc`` is the projector, ``momentum_encoder``, ``predictor``), so
-its weights and an official checkpoint's map one to one (``module.`` aside).
+code (``base_encoder`` whose classifier slot, a ResNet's ``fc``, holds the projector,
+``momentum_encoder``, ``predictor``), so its weights and an official checkpoint's map one to one
+(``module.`` aside).
 """
 
 import copy
