@@ -159,6 +159,7 @@ def _script(name: str, out: Path, *overrides: str) -> subprocess.CompletedProces
     return proc
 
 
+@pytest.mark.slow  # three script runs
 def test_knn_and_probe_read_the_base_encoders_backbone(v3_checkpoint, tmp_path):
     one = ["knn.ks=[10]", "knn.temperatures=[0.1]", "knn.report.k=10", "features.cache_dir=null"]
     _script("knn_eval", tmp_path / "knn", f"checkpoint={v3_checkpoint}", *DATA, *one)
@@ -183,6 +184,7 @@ def test_knn_and_probe_read_the_base_encoders_backbone(v3_checkpoint, tmp_path):
     assert 0.0 <= result["top1"] <= 100.0
 
 
+@pytest.mark.slow  # two script runs
 def test_export_writes_the_official_v3_layout_and_torchvision_weights(v3_checkpoint, tmp_path):
     ours = torch.load(v3_checkpoint, weights_only=True)["state_dict"]
     out = tmp_path / "v3.pth.tar"
