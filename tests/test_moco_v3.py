@@ -463,3 +463,20 @@ def test_batchnorm_stays_per_process_otherwise(world, device, sync_bn, recwarn):
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
     if device == "cpu":
         assert any("SyncBatchNorm needs GPUs" in str(w.message) for w in recwarn)
+
+
+def test_the_vit_small_experiment_is_the_official_reference_setup():
+    cfg = compose_config(["+experiment=moco_v3_vit_small", "data.root=/somewhere"])
+    check_pretrain(cfg)
+    assert (cfg.model.backbone, cfg.model.temperature, cfg.model.mlp_dim) == (
+        "vit_small",
+        0.2,
+        4096,
+    )
+    assert cfg.optimizer._target_ == "torch.optim.AdamW"
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (1.5e-4, 0.1)
+    assert (cfg.scheduler.warmup_epochs, cfg.trainer.max_epochs) == (40, 300)
+    from moco.run.experiments import experiment_encoder_spec
+
+    spec = experiment_encoder_spec("moco_v3_vit_small")
+    assert (spec.backbone, spec.head, spec.image_size) == ("vit_small", "v3_mlp", 224)
