@@ -45,6 +45,42 @@ TINY_OVERRIDES = (
 )
 
 
+# A tiny real training run on the command line (tests that start scripts/pretrain.py).
+TINY_RUN = (
+    "data=synthetic",
+    "data.num_train=96",
+    "data.image_size=8",
+    "data.batch_size=8",
+    "data.num_workers=1",
+    "model.bn_splits=2",
+    "model.queue_size=40",
+    "model.dim=16",
+    "eval.enabled=false",
+)
+WORLD = 2  # processes of the two-rank tests
+
+
+def run_on_two_ranks(fn, out_dir: Path) -> list:
+    """Run ``fn(rank)`` in 2 gloo processes; return what each returned."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_init_and_run, args=(fn, out_dir), nprocs=WORLD, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _init_and_run(rank: int, fn, out_dir: Path) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out_dir / 'rendezvous'}", rank=rank, world_size=WORLD
+    )
+    try:
+        torch.save(fn(rank), out_dir / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
 @functools.cache
 def _composed(overrides: tuple[str, ...], config_name: str) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -16,10 +16,8 @@ import hydra
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import TINY_OVERRIDES, compose_config
+from conftest import TINY_OVERRIDES, WORLD, compose_config, run_on_two_ranks
 from torch import nn
 
 from moco import MoCo, distributed
@@ -27,25 +25,7 @@ from moco.data import PretrainDataModule
 from moco.run.launch import launched_devices, launched_nodes, run_stamp
 
 REPO = Path(__file__).resolve().parents[1]
-WORLD = 2
 BATCH = 6  # per rank
-
-
-def _two_ranks(fn, tmp_path: Path) -> list[dict]:
-    """Run ``fn(rank)`` in 2 gloo processes; return what each returned (saved as rank<r>.pt)."""
-    mp.spawn(_init_and_run, args=(fn, tmp_path), nprocs=WORLD, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-
-
-def _init_and_run(rank: int, fn, out_dir: Path) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{out_dir / 'rendezvous'}", rank=rank, world_size=WORLD
-    )
-    try:
-        torch.save(fn(rank), out_dir / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _own_batch(rank: int) -> torch.Tensor:
@@ -71,7 +51,7 @@ def _shuffle_round_trip(rank: int) -> dict:
 
 
 def test_shuffle_across_ranks_mixes_ranks_and_unshuffle_restores_each_rank(tmp_path):
-    ranks = _two_ranks(_shuffle_round_trip, tmp_path)
+    ranks = run_on_two_ranks(_shuffle_round_trip, tmp_path)
     all_ids = torch.cat([r["shuffled_ids"] for r in ranks])
     # Every global sample is encoded exactly once, on some rank.
     assert sorted(all_ids.tolist()) == list(range(WORLD * BATCH))
@@ -96,7 +76,7 @@ def _broadcast_bn(rank: int) -> dict:
 
 
 def test_broadcast_buffers_gives_every_rank_rank0s_statistics(tmp_path):
-    ranks = _two_ranks(_broadcast_bn, tmp_path)
+    ranks = run_on_two_ranks(_broadcast_bn, tmp_path)
     assert torch.equal(ranks[0]["mean"], ranks[1]["mean"])
     assert torch.equal(ranks[0]["var"], ranks[1]["var"])
 
@@ -194,30 +174,35 @@ def test_two_process_fit_keeps_identical_queues_of_both_ranks_keys(tmp_path):
 
 
 # ------------------------------------------------------------------------ torchrun, end to end
+_ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun_pretrain(*overrides: str) -> list[str]:
+    """scripts/pretrain.py in 2 CPU processes under torchrun, tiny."""
+    return [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--standalone",
+        "--nproc-per-node=2",
+        str(REPO / "scripts" / "pretrain.py"),
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "eval.enabled=false",
+        "data=synthetic",
+        "data.image_size=8",
+        "data.batch_size=8",
+        "model.bn_splits=2",
+        "model.queue_size=64",
+        "model.dim=16",
+        *overrides,
+    ]
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_write_one_run_directory_and_one_checkpoint(tmp_path):
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [
-            str(torchrun),
-            "--standalone",
-            "--nproc-per-node=2",
-            str(REPO / "scripts" / "pretrain.py"),
-            "trainer=ddp",
-            "trainer.accelerator=cpu",
-            "trainer.max_epochs=1",
-            "eval.enabled=false",
-            "data=synthetic",
-            "data.num_train=64",
-            "data.image_size=8",
-            "data.batch_size=8",
-            "model.bn_splits=2",
-            "model.queue_size=64",
-            "model.dim=16",
-        ],
+        _torchrun_pretrain("trainer.max_epochs=1", "data.num_train=64"),
         cwd=tmp_path,  # relative run directories land here
-        env=env,
+        env=_ONE_THREAD,
         capture_output=True,
         text=True,
         timeout=600,
@@ -309,7 +294,7 @@ def _stop_on_one_rank(rank: int) -> dict:
 
 
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
-    ranks = _two_ranks(_stop_on_one_rank, tmp_path)
+    ranks = run_on_two_ranks(_stop_on_one_rank, tmp_path)
     # The ranks agree every AGREE_EVERY_N_STEPS (5) steps: both learn of it at step 5.
     assert ranks[0] == ranks[1] == {"saved": [5], "stopped_at": 5, "exit_code": 128 + 15}
 
@@ -319,31 +304,16 @@ def test_torchrun_run_stopped_by_sigterm_mid_epoch_resumes_to_the_same_weights(t
     """SIGTERM to every process of a 2-process torchrun run, part-way through an epoch: both
     ranks write one checkpoint at the same step and stop; started again, the run ends with the
     weights (the queue too) of a run never stopped."""
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        str(torchrun),
-        "--standalone",
-        "--nproc-per-node=2",
-        str(REPO / "scripts" / "pretrain.py"),
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
+    command = _torchrun_pretrain(
         "trainer.max_epochs=2",
         "trainer.deterministic=true",
-        "eval.enabled=false",
-        "data=synthetic",
         "data.num_train=96",  # 2 processes x batch 8: 6 steps per epoch
-        "data.image_size=8",
-        "data.batch_size=8",
         "data.num_workers=1",
-        "model.bn_splits=2",
-        "model.queue_size=64",
-        "model.dim=16",
-    ]
+    )
 
     def train(run_dir: Path) -> subprocess.CompletedProcess:
         done = subprocess.run(
-            [*command, f"hydra.run.dir={run_dir}"], env=env, capture_output=True, text=True
+            [*command, f"hydra.run.dir={run_dir}"], env=_ONE_THREAD, capture_output=True, text=True
         )
         assert done.returncode == 0, done.stderr[-3000:]
         return done
@@ -352,7 +322,7 @@ def test_torchrun_run_stopped_by_sigterm_mid_epoch_resumes_to_the_same_weights(t
     stopped = tmp_path / "stopped"
     process = subprocess.Popen(
         [*command, f"hydra.run.dir={stopped}"],
-        env=env,
+        env=_ONE_THREAD,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -7,16 +7,13 @@ before every checkpoint and at the end of training.
 
 import functools
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import hydra
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import TINY_OVERRIDES, compose_config
+from conftest import TINY_OVERRIDES, compose_config, run_on_two_ranks
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from moco import MoCo, divergence
@@ -198,20 +195,6 @@ def test_no_checkpoint_is_written_after_a_bad_loss(tmp_path):
 
 
 # ------------------------------------------------------------------------- two processes
-WORLD = 2
-
-
-def _under_gloo(rank: int, out_dir: Path) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{out_dir / 'rendezvous'}", rank=rank, world_size=WORLD
-    )
-    try:
-        torch.save(_two_rank_checks(rank), out_dir / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 def _stop(action) -> str:
     """The message ``action`` raised, or "" if it returned."""
     try:
@@ -239,8 +222,7 @@ def _two_rank_checks(rank: int) -> dict:
 
 @pytest.mark.slow  # two spawned processes, each importing Lightning and Hydra
 def test_a_nan_on_one_rank_stops_both_at_the_same_step_with_the_same_message(tmp_path):
-    mp.spawn(_under_gloo, args=(tmp_path,), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_on_two_ranks(_two_rank_checks, tmp_path)
     expected = (4, _message("nan", 2, 0))
     assert [r["stopped"] for r in ranks] == [expected, expected]
     assert ranks[1]["weights"].startswith("bn.running_var holds NaN or inf at step 9, epoch 1")

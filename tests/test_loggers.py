@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
+from conftest import TINY_RUN, compose_config
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -20,18 +20,7 @@ from moco.run.loggers import RUNS_FILE, RunRecord, chosen, make_loggers
 from moco.run.train import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
-# tests/test_resume.py's tiny run
-RUN = [
-    "data=synthetic",
-    "data.num_train=96",
-    "data.image_size=8",
-    "data.batch_size=8",
-    "data.num_workers=1",
-    "model.bn_splits=2",
-    "model.queue_size=40",
-    "model.dim=16",
-    "eval.enabled=false",
-]
+RUN = list(TINY_RUN)
 OFFLINE = "logger.wandb.mode=offline"
 
 

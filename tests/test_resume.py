@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RUN
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from moco.errors import ConfigError, TrainingDiverged
@@ -21,19 +22,7 @@ EPOCHS = 3
 STEPS_PER_EPOCH = 12  # 96 images / batch 8
 # Tiny, deterministic, with everything that draws random numbers switched on: the batched
 # augmentations, the sampler's shuffle, shuffle-BN's permutation.
-RUN = [
-    "data=synthetic",
-    "data.num_train=96",
-    "data.image_size=8",
-    "data.batch_size=8",
-    "data.num_workers=1",
-    "model.bn_splits=2",
-    "model.queue_size=40",
-    "model.dim=16",
-    "eval.enabled=false",
-    f"trainer.max_epochs={EPOCHS}",
-    "trainer.deterministic=true",
-]
+RUN = [*TINY_RUN, f"trainer.max_epochs={EPOCHS}", "trainer.deterministic=true"]
 # The views made per image in two loader workers instead (the path of image folders).
 PER_IMAGE = ["augment.batched=false", "data.num_workers=2"]
 # Columns that hold wall-clock times, which differ between any two runs.

@@ -12,8 +12,10 @@ from torch.utils.data import Dataset, Sampler
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    # Two seeds a few epochs apart must not give related orders: mix the epoch in by hashing.
-    return torch.Generator().manual_seed(hash((int(seed), int(epoch))) & (2**63 - 1))
+    # Every (seed, epoch) of a run shorter than a million epochs gets a generator seed of its
+    # own. Plain arithmetic, not hash(), which need not agree across Python versions: a run
+    # resumed on another machine must draw the same orders.
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch)) % 2**63)
 
 
 class EpochSampler(Sampler):
