@@ -4,16 +4,13 @@ config, and the loss across two processes."""
 
 import copy
 import math
-from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 import torchvision
-from conftest import compose_config
+from conftest import WORLD, compose_config, run_on_two_ranks
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -345,7 +342,7 @@ def test_v3_config_mistakes_are_one_line(override, fragment):
 
 
 # ---------------------------------------------------------------------- two processes
-WORLD, N, C = 2, 3, 4
+N, C = 3, 4
 
 
 def _queries_and_keys(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,26 +350,18 @@ def _queries_and_keys(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(N, C, generator=g), torch.randn(N, C, generator=g)
 
 
-def _contrast_on_rank(rank: int, out_dir: Path) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{out_dir / 'rendezvous'}", rank=rank, world_size=WORLD
-    )
-    try:
-        model = MoCoV3(**v3_hparams(temperature=0.5))
-        q, k = _queries_and_keys(rank)
-        q.requires_grad_(True)
-        loss, logits = model.contrast(q, k)
-        loss.backward()
-        torch.save({"loss": loss.detach(), "logits": logits.detach(), "grad": q.grad,
-                    "rank": distributed.rank()}, out_dir / f"rank{rank}.pt")  # fmt: skip
-    finally:
-        dist.destroy_process_group()
+def _contrast_on_rank(rank: int) -> dict:
+    model = MoCoV3(**v3_hparams(temperature=0.5))
+    q, k = _queries_and_keys(rank)
+    q.requires_grad_(True)
+    loss, logits = model.contrast(q, k)
+    loss.backward()
+    return {"loss": loss.detach(), "logits": logits.detach(), "grad": q.grad,
+            "rank": distributed.rank()}  # fmt: skip
 
 
 def test_across_two_processes_every_rank_contrasts_with_all_keys(tmp_path):
-    mp.spawn(_contrast_on_rank, args=(tmp_path,), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_on_two_ranks(_contrast_on_rank, tmp_path)
     qs, ks = zip(*(_queries_and_keys(r) for r in range(WORLD)), strict=True)
     all_keys = F.normalize(torch.cat(ks), dim=1)  # rank order
     for r, seen in enumerate(ranks):
