@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import functools
 import os
-from collections.abc import Callable, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -58,6 +60,18 @@ TINY_RUN = (
     "eval.enabled=false",
 )
 WORLD = 2  # processes of the two-rank tests
+
+
+@contextmanager
+def module_dir(tmp_path_factory, name: str) -> Iterator[Path]:
+    """A directory for a module-scoped fixture, removed when the module is done. A test's own
+    tmp_path goes when it passes (pyproject's tmp_path_retention_policy); this does the same for
+    the runs a module shares, so the suite's ResNet checkpoints fit on a small disk."""
+    path = tmp_path_factory.mktemp(name)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def run_on_two_ranks(fn, out_dir: Path) -> list:

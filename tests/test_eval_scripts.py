@@ -5,10 +5,11 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
+from conftest import compose_config, module_dir
 
 from moco.errors import ConfigError
 from moco.run.check import check_eval
@@ -29,9 +30,8 @@ def compose_cfg(name, overrides):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def checkpoint(tmp_path_factory) -> Iterator[Path]:
     """A real (tiny) pretraining checkpoint: 2 steps on 16 px synthetic images."""
-    run_dir = tmp_path_factory.mktemp("pretrain")
     cfg = compose_cfg(
         "pretrain",
         [
@@ -46,7 +46,8 @@ def checkpoint(tmp_path_factory) -> Path:
             "+trainer.enable_progress_bar=false",
         ],
     )
-    return pretrain(cfg, run_dir)
+    with module_dir(tmp_path_factory, "pretrain") as run_dir:
+        yield pretrain(cfg, run_dir)
 
 
 def run(script, tmp_path, *overrides, expect=0):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -15,7 +16,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torchvision
-from conftest import compose_config
+from conftest import compose_config, module_dir
 from torch import nn
 
 import moco
@@ -124,7 +125,7 @@ DATA = ["data=synthetic", "data.num_train=60", "data.num_test=30", "features.pro
 
 
 @pytest.fixture(scope="module")
-def v3_checkpoint(tmp_path_factory) -> Path:
+def v3_checkpoint(tmp_path_factory) -> Iterator[Path]:
     """A real (tiny) MoCo v3 checkpoint: 2 steps on 16 px RGB images, ImageNet stem (so the
     official layouts can take it)."""
     cfg = compose_config(
@@ -143,7 +144,8 @@ def v3_checkpoint(tmp_path_factory) -> Path:
             "+trainer.enable_progress_bar=false",
         ]
     )
-    return pretrain(cfg, tmp_path_factory.mktemp("v3"))
+    with module_dir(tmp_path_factory, "v3") as run_dir:
+        yield pretrain(cfg, run_dir)
 
 
 def _script(name: str, out: Path, *overrides: str) -> subprocess.CompletedProcess:

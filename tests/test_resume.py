@@ -7,11 +7,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN
+from conftest import TINY_RUN, module_dir
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from moco.errors import ConfigError, TrainingDiverged
@@ -80,19 +81,19 @@ def _assert_same_training(expected_dir: Path, resumed_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> Path:
+def straight(tmp_path_factory) -> Iterator[Path]:
     """An uninterrupted run, batched augmentations."""
-    run_dir = tmp_path_factory.mktemp("resume") / "straight"
-    _train(run_dir)
-    return run_dir
+    with module_dir(tmp_path_factory, "straight") as run_dir:
+        _train(run_dir)
+        yield run_dir
 
 
 @pytest.fixture(scope="module")
-def straight_per_image(tmp_path_factory) -> Path:
+def straight_per_image(tmp_path_factory) -> Iterator[Path]:
     """An uninterrupted run, views made per image in loader workers."""
-    run_dir = tmp_path_factory.mktemp("resume") / "straight_per_image"
-    _train(run_dir, *PER_IMAGE)
-    return run_dir
+    with module_dir(tmp_path_factory, "straight_per_image") as run_dir:
+        _train(run_dir, *PER_IMAGE)
+        yield run_dir
 
 
 def _epoch_logged(run_dir: Path, epoch: int) -> bool:

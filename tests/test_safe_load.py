@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import module_dir
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -67,7 +68,11 @@ def write_resnet50_as_resnet18(path: Path, moco) -> Path:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("files")
+    with module_dir(tmp_path_factory, "files") as tmp:
+        yield _files(tmp)
+
+
+def _files(tmp):
     moco = tiny_moco()
     return {
         "marker": tmp / "payload_ran",
