@@ -3,12 +3,10 @@
 import copy
 from collections.abc import Mapping
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
 from moco.distributed import encode_shuffled, gather, world_size
-from moco.divergence import DivergenceGuard, refuse_non_finite_weights
 from moco.encoders import EncoderSpec
 from moco.errors import ConfigError
 from moco.losses import contrastive_top1, info_nce
@@ -16,6 +14,7 @@ from moco.momentum import momentum_update, scheduled_momentum
 from moco.optim.scheduled import lightning_optimizer
 from moco.queue import KeyQueue
 from moco.settings import plain_settings
+from moco.training_module import TrainingModule
 
 
 def queue_too_small(queue_size: int, batch_size: int, world: int, symmetric: bool) -> str | None:
@@ -32,7 +31,7 @@ def queue_too_small(queue_size: int, batch_size: int, world: int, symmetric: boo
     )
 
 
-class MoCo(pl.LightningModule):
+class MoCo(TrainingModule):
     """Momentum Contrast (He et al. 2020; v2: Chen et al. 2020).
 
     Every argument comes from ``conf/model/moco.yaml`` (defaults live there, not here).
@@ -75,7 +74,6 @@ class MoCo(pl.LightningModule):
         self.encoder_k = copy.deepcopy(self.encoder_q)
         self.encoder_k.requires_grad_(False)
         self.queue = KeyQueue(hp.queue_size, hp.dim)
-        self.divergence = DivergenceGuard()
 
     # ----------------------------------------------------------------------------- training
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -95,23 +93,11 @@ class MoCo(pl.LightningModule):
         # Every rank enqueues the keys of the whole global batch, in rank order, so the queues
         # stay identical across ranks and the pointer advances by the global batch.
         self.queue.enqueue(gather(keys))
-        self.divergence.observe(loss, self.global_step, self.current_epoch)
+        self.watch_loss(loss)
 
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         self.log("train/top1", contrastive_top1(logits), prog_bar=True, on_step=True, on_epoch=True)
         return loss
-
-    # A NaN or inf loss stops the run, naming its first step; no checkpoint is written after it.
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.divergence.after_batch(self.trainer)
-
-    def on_train_end(self) -> None:
-        self.divergence.check()
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["encoder_spec"] = self.encoder_spec.to_dict()
-        self.divergence.check()
-        refuse_non_finite_weights(checkpoint["state_dict"], self.global_step, self.current_epoch)
 
     def contrast(self, im_q, im_k, negatives):
         """InfoNCE of queries from ``im_q`` against keys from ``im_k``; also returns the keys."""

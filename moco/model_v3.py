@@ -12,14 +12,12 @@ code (``base_encoder`` whose classifier slot, a ResNet's ``fc``, holds the proje
 import copy
 from collections.abc import Mapping
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 from moco.distributed import gather, rank
-from moco.divergence import DivergenceGuard, refuse_non_finite_weights
 from moco.encoders import (
     V3_HEAD,
     Encoder,
@@ -33,12 +31,13 @@ from moco.losses import in_batch_info_nce, in_batch_top1
 from moco.momentum import momentum_update, scheduled_momentum
 from moco.optim.scheduled import lightning_optimizer
 from moco.settings import plain_settings
+from moco.training_module import TrainingModule
 
 # The modules whose BatchNorm layers become SyncBatchNorm under DDP (model.sync_bn).
 MODULES = ("base_encoder", "momentum_encoder", "predictor")
 
 
-class MoCoV3(pl.LightningModule):
+class MoCoV3(TrainingModule):
     """MoCo v3 on any backbone of ``moco.encoders``: ResNets, or ViTs (``backbone=vit_small``,
     ``moco/vit.py``). Per backbone, ``moco.encoders`` says the attribute that holds the
     projector (``SLOTS``) and its depth (``V3_PROJECTOR_LAYERS``).
@@ -82,7 +81,6 @@ class MoCoV3(pl.LightningModule):
         # momentum_update. The predictor exists on the base side only.
         self.momentum_encoder = copy.deepcopy(self.base_encoder).requires_grad_(False)
         self.predictor = build_predictor(hp.backbone, hp.dim, hp.mlp_dim)
-        self.divergence = DivergenceGuard()
 
     # The base and momentum encoders seen as backbone + head (``moco.encoders.Encoder``), the
     # names by which the kNN monitor and init= read every method's query and key encoders.
@@ -116,7 +114,7 @@ class MoCoV3(pl.LightningModule):
         loss_12, logits = self.contrast(q1, k2)  # logits: N x (world*N)
         loss_21, _ = self.contrast(q2, k1)
         loss = loss_12 + loss_21
-        self.divergence.observe(loss, self.global_step, self.current_epoch)
+        self.watch_loss(loss)
 
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         top1 = in_batch_top1(logits, rank())
@@ -135,18 +133,6 @@ class MoCoV3(pl.LightningModule):
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else None
         hp = self.hparams
         return scheduled_momentum(hp.momentum, hp.momentum_schedule, self.global_step, total)
-
-    # A NaN or inf loss stops the run, naming its first step; no checkpoint is written after it.
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.divergence.after_batch(self.trainer)
-
-    def on_train_end(self) -> None:
-        self.divergence.check()
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["encoder_spec"] = self.encoder_spec.to_dict()
-        self.divergence.check()
-        refuse_non_finite_weights(checkpoint["state_dict"], self.global_step, self.current_epoch)
 
     def setup(self, stage: str) -> None:
         # The official code normalises with the statistics of the whole global batch

@@ -9,17 +9,16 @@ MoCo's and every evaluation script reads them.
 
 from collections.abc import Mapping
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from moco.divergence import DivergenceGuard, refuse_non_finite_weights
 from moco.encoders import EncoderSpec
 from moco.optim.scheduled import lightning_optimizer
 from moco.settings import plain_settings
+from moco.training_module import TrainingModule
 
 
-class SupervisedReference(pl.LightningModule):
+class SupervisedReference(TrainingModule):
     """Backbone + linear classifier, cross-entropy on the query view of each batch.
 
     Every argument comes from ``conf/model/supervised.yaml``. BatchNorm is plain: split BN only
@@ -50,28 +49,16 @@ class SupervisedReference(pl.LightningModule):
         )  # fmt: skip
         self.encoder_q = self.encoder_spec.build()
         # Same optimizers and schedules as pretraining, so the same lr mistakes: the same guard.
-        self.divergence = DivergenceGuard()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         (view, _), labels = batch  # the second augmented view is not needed
         logits = self.encoder_q(view)  # N x classes
         loss = F.cross_entropy(logits, labels)
         top1 = (logits.argmax(dim=1) == labels).float().mean()
-        self.divergence.observe(loss, self.global_step, self.current_epoch)
+        self.watch_loss(loss)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         self.log("train/top1", top1, prog_bar=True, on_step=True, on_epoch=True)
         return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.divergence.after_batch(self.trainer)
-
-    def on_train_end(self) -> None:
-        self.divergence.check()
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["encoder_spec"] = self.encoder_spec.to_dict()
-        self.divergence.check()
-        refuse_non_finite_weights(checkpoint["state_dict"], self.global_step, self.current_epoch)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Regenerates the README's Results: pretraining of MoCo v1 and v2 on Fashion-MNIST with the tuned
+# Regenerates the README's Results: pretraining of MoCo v1, v2 and v3 on Fashion-MNIST with the tuned
 # experiments (conf/experiment/, with conf/recipe/fashion_mnist.yaml), then kNN and the linear probe (six optimizers) for
 # them and for the raw-pixel and random-init baselines, then the table and the figures.
 #
 #   scripts/reproduce_results.sh                      # hours on a CPU (docs/results.md)
 #   LONG_EPOCHS=20 scripts/reproduce_results.sh       # also a longer MoCo v2 run
 #   OUT=runs/results2 scripts/reproduce_results.sh    # elsewhere (default runs/results)
-#   METHODS=moco_v2 scripts/reproduce_results.sh      # pretrain only these (default v2 and v1)
+#   METHODS=moco_v2 scripts/reproduce_results.sh      # pretrain only these (default v2, v1, v3)
 #   SUPERVISED_EPOCHS=0 scripts/reproduce_results.sh  # no supervised reference (default 5 epochs)
 #
 # Re-running continues: finished steps are skipped and an interrupted pretraining resumes from
@@ -48,7 +48,7 @@ evaluate() {  # name, checkpoint, overrides...
 
 main() {  # in a function, so bash parses the whole script before running it: an edit of
            # this file during a long run then cannot change what the running copy does
-    for method in ${METHODS:-moco_v2 moco_v1}; do
+    for method in ${METHODS:-moco_v2 moco_v1 moco_v3_fashion_mnist}; do
         pretrain "$method" +experiment="$method"
     done
     if [[ -n ${LONG_EPOCHS:-} ]]; then
@@ -61,7 +61,7 @@ main() {  # in a function, so bash parses the whole script before running it: an
 
     evaluate raw raw
     evaluate random random random_from=moco_v2  # the encoder MoCo v2 pretrains, untrained
-    for name in moco_v2 moco_v1 moco_v2_long supervised; do
+    for name in moco_v2 moco_v1 moco_v3_fashion_mnist moco_v2_long supervised; do
         if [[ -f $OUT/$name/checkpoints/last.ckpt ]]; then
             evaluate "$name" "$OUT/$name/checkpoints/last.ckpt"
         fi

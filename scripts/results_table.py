@@ -26,6 +26,7 @@ ROWS = [
     Row("moco_v1", "MoCo v1, recipe"),
     Row("moco_v2", "MoCo v2, recipe"),
     Row("moco_v2_long", "MoCo v2, recipe, longer run"),
+    Row("moco_v3_fashion_mnist", "MoCo v3 (ResNet-18), recipe"),
     Row("supervised", "supervised reference (labels, not MoCo)"),
 ]
 

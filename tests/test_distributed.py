@@ -270,7 +270,8 @@ def _stop_on_one_rank(rank: int) -> dict:
     """Only rank 0 gets the signal; both ranks must write the checkpoint and stop together."""
     from types import SimpleNamespace
 
-    from moco.run.within_epoch import Preempted, WithinEpochCheckpoints
+    from moco.errors import Preempted
+    from moco.run.within_epoch import WithinEpochCheckpoints
 
     saved = []
     trainer = SimpleNamespace(

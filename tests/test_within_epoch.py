@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from moco.run.within_epoch import Preempted, WithinEpochCheckpoints, requeue_slurm_job
+from moco.errors import Preempted
+from moco.run.within_epoch import WithinEpochCheckpoints, requeue_slurm_job
 
 
 class _Trainer(SimpleNamespace):

@@ -6,9 +6,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from moco.errors import MocoUserError
+from moco.errors import MocoUserError, Preempted
 from moco.run.launch import launched_rank
-from moco.run.within_epoch import Preempted
 
 
 def _remove_if_only_hydra_files(run_dir: Path) -> None:

@@ -22,21 +22,12 @@ from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.utilities import rank_zero_only
 
 from moco import distributed
+from moco.errors import Preempted
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 # Under DDP the ranks agree on time and signals every this many steps (one tiny all_reduce);
 # SLURM leaves 30 s (KillWait) between SIGTERM and SIGKILL, far more than a few steps take.
 AGREE_EVERY_N_STEPS = 5
-
-
-class Preempted(Exception):
-    """The run saved a checkpoint and stopped because a stop signal arrived."""
-
-    def __init__(self, signum: int, step: int, path: Path, requeued: bool) -> None:
-        name = signal.Signals(signum).name
-        then = "the job is requeued" if requeued else "start it again to resume"
-        super().__init__(f"{name} at step {step}: checkpoint {path} written; {then}")
-        self.exit_code = 128 + signum  # what a shell reports for a process stopped by it
 
 
 class WithinEpochCheckpoints(Checkpoint):
