@@ -217,6 +217,9 @@ def test_null_max_epochs_with_max_steps_is_handled(default_with):
 FASHION_MNIST_EXPERIMENTS = ("moco_v1", "moco_v2", "supervised")
 # Every experiment on the Fashion-MNIST recipe (v3's came after the typed configs).
 ON_THE_RECIPE = (*FASHION_MNIST_EXPERIMENTS, "moco_v3_fashion_mnist")
+# Recipe values an experiment sets for itself, in its own file: a v3 step costs twice a v2 step,
+# so fewer epochs fill the hour (docs/results.md).
+OWN_VALUES = {"moco_v3_fashion_mnist": {"trainer.max_epochs": 4}}
 
 
 @pytest.mark.parametrize("experiment", ON_THE_RECIPE)
@@ -225,8 +228,11 @@ def test_fashion_mnist_experiments_apply_the_recipe_after_the_method(compose, ex
     tuned = compose([f"+experiment={experiment}"])
     leaves = [f"{group}.{key}" for group, values in recipe.items() for key in values]
     assert len(leaves) >= 4
+    own = OWN_VALUES.get(experiment, {})
+    assert set(own) <= set(leaves)
     for key in leaves:
-        assert OmegaConf.select(tuned, key) == OmegaConf.select(recipe, key), key
+        expected = own[key] if key in own else OmegaConf.select(recipe, key)
+        assert OmegaConf.select(tuned, key) == expected, key
     # What the model is built from follows (interpolations of the groups above).
     assert tuned.model.stem == recipe.backbone.stem
     assert tuned.model.batch_size == recipe.data.batch_size
