@@ -7,7 +7,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from moco.data import PretrainDataModule
-from moco.data.augment import pretrain_transform
+from moco.data.augment import pretrain_transform, view_recipes
 from moco.data.batch_augment import (
     BatchAugment,
     adjust_brightness,
@@ -17,8 +17,11 @@ from moco.data.batch_augment import (
     crop_boxes,
     crop_resize_flip,
     gaussian_blur,
+    solarize,
+    two_views,
 )
 from moco.errors import ConfigError
+from moco.run.check import check_pretrain
 from tests.conftest import with_values
 
 # Boxes (top, left, h, w) in a 20 x 20 image: whole, inner, thin, edge-touching, near-whole.
@@ -138,10 +141,11 @@ def test_jitter_applies_brightness_and_contrast_in_a_random_order_per_image(comp
     assert 10 < int(first.sum()) < 54  # both orders occur
 
 
-def test_batched_views_match_the_per_image_pipeline_in_distribution(compose):
+@pytest.mark.parametrize("extra", [[], ["augment.solarize_p=0.5"]], ids=["v2", "solarize"])
+def test_batched_views_match_the_per_image_pipeline_in_distribution(compose, extra):
     """The mean and spread of the views over many draws of one image agree with torchvision's
     per-image pipeline: same ops, same parameter distributions."""
-    cfg = _grey_cfg(compose, "augment.crop_scale=[0.4,1.0]")
+    cfg = _grey_cfg(compose, "augment.crop_scale=[0.4,1.0]", *extra)
     image = torch.zeros(1, 16, 16, dtype=torch.uint8)
     image[:, 4:12, 2:7] = 200  # an off-centre block: crops, flips and jitter all show
     image[:, 10:14, 9:15] = 90
@@ -160,16 +164,41 @@ def test_batched_views_match_the_per_image_pipeline_in_distribution(compose):
 
 def test_views_are_normalised_float_seeded_by_torch_and_differ(compose):
     cfg = compose(["data=synthetic", "data.image_size=16"])
-    aug = BatchAugment(cfg.augment, cfg.data)
+    first, second = two_views(cfg.augment, cfg.data)
+    assert first is second  # one recipe for both views
     images = (torch.rand(8, 3, 16, 16) * 255).to(torch.uint8)
     torch.manual_seed(3)
-    q, k = aug.two_views(images)
+    q, k = first.view(images), second.view(images)
     assert q.shape == k.shape == (8, 3, 16, 16) and q.dtype == torch.float32
     assert not torch.allclose(q, k)
     assert q.min() < 0 < q.max()
     torch.manual_seed(3)
-    q2, k2 = aug.two_views(images)
+    q2, k2 = first.view(images), second.view(images)
     assert torch.equal(q, q2) and torch.equal(k, k2)
+
+
+def test_solarize_equals_torchvision_on_every_8_bit_value():
+    images = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).repeat(2, 3, 1, 1)
+    expected = TF.solarize(images, threshold=128).float() / 255
+    torch.testing.assert_close(solarize(images.float() / 255), expected, atol=1e-6, rtol=0)
+    assert not torch.equal(expected, images.float() / 255)  # the inversion happened at all
+
+
+def test_v3_views_differ_as_moco_v3s_recipe_says(compose):
+    """Blur always on the first view and with p=0.1 on the second, solarisation on the second
+    only; everything else the same, in both ways of making views."""
+    cfg = compose(["data=synthetic", "data.image_size=64", "augment=v3"])
+    check_pretrain(cfg)
+    first, second = view_recipes(cfg.augment)
+    assert (first.blur.p, first.solarize_p, second.blur.p, second.solarize_p) == (1.0, 0, 0.1, 0.2)
+    assert first.crop_scale == second.crop_scale and first.color_jitter == second.color_jitter
+    batched = two_views(cfg.augment, cfg.data)
+    assert [(v.blur_p, v.solarize_p) for v in batched] == [(1.0, 0.0), (0.1, 0.2)]
+    per_image = [list(pretrain_transform(r, cfg.data).transforms) for r in (first, second)]
+    solarizers = [[op for op in ops if isinstance(op, v2.RandomSolarize)] for ops in per_image]
+    assert solarizers[0] == [] and [op.p for op in solarizers[1]] == [0.2]
+    blur_p = [[op.p for op in ops if isinstance(op, v2.RandomApply)][-1] for ops in per_image]
+    assert blur_p == [1.0, 0.1]  # the last RandomApply of a view is its blur
 
 
 def test_each_rank_takes_its_slice_of_the_global_batchs_parameters(compose):
@@ -190,7 +219,7 @@ def test_datamodule_picks_the_batched_way_for_in_memory_images_of_the_training_s
     cfg = tiny_cfg("data.num_train=20")
     dm = PretrainDataModule(cfg.data, cfg.augment)
     dm.setup("fit")
-    assert dm.batch_augment is not None and dm.dataset.transform is None
+    assert dm.batch_views is not None and dm.dataset.transform is None
     images, labels = next(iter(dm.train_dataloader()))
     assert images.dtype == torch.uint8 and images.shape == (8, 3, 8, 8)  # the workers do nothing
     (view_q, view_k), same_labels = dm.on_after_batch_transfer((images, labels), 0)
@@ -199,14 +228,14 @@ def test_datamodule_picks_the_batched_way_for_in_memory_images_of_the_training_s
 
     per_image = PretrainDataModule(cfg.data, with_values(cfg, "augment.batched=false").augment)
     per_image.setup("fit")
-    assert per_image.batch_augment is None and per_image.dataset.transform is not None
+    assert per_image.batch_views is None and per_image.dataset.transform is not None
 
 
 def test_batched_true_on_images_of_another_size_is_a_config_error(tiny_cfg):
     cfg = with_values(tiny_cfg(), "augment.batched=true")
     loaded = PretrainDataModule(cfg.data, cfg.augment)
     loaded.setup("fit")
-    assert loaded.batch_augment is not None  # 8 px images, 8 px training size: fine
+    assert loaded.batch_views is not None  # 8 px images, 8 px training size: fine
     other = with_values(cfg, "data.image_size=12")
     dm = PretrainDataModule(other.data, other.augment)
     dm.dataset = loaded.dataset  # 8 px images, 12 px training size

@@ -146,6 +146,11 @@ def assert_rejected(make_cfg, *fragments: str) -> str:
         (["backbone.stem=tiny"], ["backbone.stem=tiny"]),
         (["model.momentum_schedule=linear"], ["model.momentum_schedule"]),
         (["augment.batched=sometimes"], ["augment.batched='sometimes'", "auto, true or false"]),
+        (["augment.solarize_p=1.5"], ["augment.solarize_p=1.5", "[0, 1]"]),
+        (["augment.second_view=0.2"], ["augment.second_view must be a mapping"]),
+        (["augment.second_view={batched: false}"], ["second_view.batched", "flip_p"]),
+        (["augment.second_view={blur: {size: 3}}"], ["second_view.blur.size", "sigma"]),
+        (["augment.second_view={blur: {p: -0.1}}"], ["augment.second_view.blur.p=-0.1"]),
         (["scheduler.name=poly"], ["scheduler.name"]),
         (["data.batch_size=0"], ["data.batch_size"]),
         (["optimizer.lr=0"], ["optimizer.lr"]),
@@ -167,6 +172,7 @@ def test_invalid_values_are_rejected_with_one_line(default_with, overrides, frag
         ["trainer.precision=32"],
         ["augment.batched=false"],
         ["augment.batched=true"],
+        ["augment.second_view={flip_p: 0.0}"],
         ["trainer.max_epochs=-1", "trainer.max_steps=100"],
     ],
 )
@@ -277,6 +283,9 @@ BEFORE = json.loads(
 INTENDED = {
     # The recipe no longer sets a hardware choice: auto resolves it (next test).
     **{(name, "trainer.precision"): ("32", "auto") for name in FASHION_MNIST_EXPERIMENTS},
+    # Recipe values added later, at defaults that change nothing (MoCo v3's views).
+    **{(name, "augment.solarize_p"): ("<absent>", "0.0") for name in BEFORE},
+    **{(name, "augment.second_view"): ("<absent>", "None") for name in BEFORE},
     # The supervised reference has its own model config, without MoCo's keys.
     **{
         ("supervised", f"model.{key}"): "removed"

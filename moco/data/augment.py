@@ -6,12 +6,59 @@ size and channel count, and the rules below drop what makes no sense for the dat
   out; brightness and contrast jitter still apply;
 - Gaussian blur is left out below ``blur_min_size`` px: on 28-32 px images a blur kernel of ~10%
   of the side erases most of the detail (SimCLR and the MoCo CIFAR demo skip it too).
+
+Both views follow one recipe unless ``augment.second_view`` changes some of its values for the
+second: MoCo v3's views are asymmetric (BYOL's recipe: blur always on the first, rarely on the
+second, solarisation on the second only).
 """
 
 import torch
+from omegaconf import OmegaConf
 from torchvision.transforms import v2
 
 from moco.errors import ConfigError
+
+# The values a view may set for itself; the rest (the name, batched) belong to the whole recipe.
+PER_VIEW = ("crop_scale", "color_jitter", "grayscale_p", "blur", "solarize_p", "flip_p")
+# Solarisation inverts the values at or above half the range: PIL's ImageOps.solarize default
+# (128 of 255), which MoCo v3 and BYOL use.
+SOLARIZE_THRESHOLD = 128 / 255
+
+
+def view_recipes(aug_cfg) -> tuple:
+    """The recipes of the first and the second view: the second is the first with
+    ``aug_cfg.second_view``'s values put over it (None or absent: the same recipe)."""
+    changes = aug_cfg.get("second_view")
+    if not changes:
+        return aug_cfg, aug_cfg
+    _check_view_keys(changes, PER_VIEW, aug_cfg, "augment.second_view")
+    second = OmegaConf.merge(aug_cfg, changes)
+    second.second_view = None
+    return aug_cfg, second
+
+
+def _check_view_keys(changes, allowed, recipe, where: str) -> None:
+    """Each key of ``changes`` names a value of ``recipe`` among ``allowed``, down the tree."""
+    if not OmegaConf.is_dict(changes):
+        raise ConfigError(f"{where} must be a mapping of recipe values, e.g. {{solarize_p: 0.2}}")
+    for key, value in changes.items():
+        if key not in allowed:
+            raise ConfigError(
+                f"{where}.{key} is not a value a view can set: use {', '.join(allowed)}"
+            )
+        if OmegaConf.is_dict(value):
+            _check_view_keys(value, tuple(recipe[key]), recipe[key], f"{where}.{key}")
+
+
+def probabilities(aug_cfg) -> dict[str, float]:
+    """Every probability of a view's recipe, by its config name."""
+    return {
+        "color_jitter.p": aug_cfg.color_jitter.p,
+        "grayscale_p": aug_cfg.grayscale_p,
+        "blur.p": aug_cfg.blur.p,
+        "solarize_p": aug_cfg.get("solarize_p", 0.0),
+        "flip_p": aug_cfg.flip_p,
+    }
 
 
 def mean_and_std(data_cfg) -> tuple[list[float], list[float]]:
@@ -67,6 +114,9 @@ def pretrain_transform(aug_cfg, data_cfg) -> v2.Compose:
                 [v2.GaussianBlur(kernel, sigma=tuple(aug_cfg.blur.sigma))], p=aug_cfg.blur.p
             )
         )
+    solarize_p = aug_cfg.get("solarize_p", 0.0)
+    if solarize_p > 0:  # on the uint8 image, so the threshold in its 0-255 range
+        ops.append(v2.RandomSolarize(threshold=round(SOLARIZE_THRESHOLD * 255), p=solarize_p))
     if aug_cfg.flip_p > 0:
         ops.append(v2.RandomHorizontalFlip(p=aug_cfg.flip_p))
     return v2.Compose(ops + _normalize(data_cfg))
@@ -84,10 +134,11 @@ def eval_transform(data_cfg) -> v2.Compose:
 
 
 class TwoViews:
-    """Applies the same random transform twice, independently: the query and the key view."""
+    """The two views of an image: ``first`` and ``second`` (default: ``first`` again) applied
+    independently."""
 
-    def __init__(self, transform) -> None:
-        self.transform = transform
+    def __init__(self, first, second=None) -> None:
+        self.first, self.second = first, second or first
 
     def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(image), self.transform(image)
+        return self.first(image), self.second(image)

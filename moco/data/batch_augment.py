@@ -7,8 +7,9 @@ distributions torchvision draws from, but each operation runs once for the batch
 arithmetic, on the device that trains.
 
 Same operations, order and parameters as the per-image pipeline: random resized crop, colour
-jitter (its four parts in a random order per image), random grayscale, Gaussian blur, horizontal
-flip, normalisation. Two differences, both below the 8-bit resolution of the data:
+jitter (its four parts in a random order per image), random grayscale, Gaussian blur,
+solarisation, horizontal flip, normalisation. Two differences, both below the 8-bit resolution
+of the data:
 - values stay in float from start to end, where torchvision rounds to uint8 after the crop and
   after each jitter step;
 - the flip is folded into the crop's resampling (mirrored sampling positions), which is exact
@@ -25,7 +26,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from moco.data.augment import blur_kernel_size, colour_strengths, mean_and_std
+from moco.data.augment import (
+    SOLARIZE_THRESHOLD,
+    blur_kernel_size,
+    colour_strengths,
+    mean_and_std,
+    view_recipes,
+)
 
 GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default
@@ -168,10 +175,15 @@ def gaussian_blur(images: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -
     return flat.reshape(n, channels, height, width)
 
 
+def solarize(images: torch.Tensor) -> torch.Tensor:
+    """Values in [0, 1] at or above SOLARIZE_THRESHOLD inverted, as torchvision's solarize."""
+    return torch.where(images >= SOLARIZE_THRESHOLD, 1 - images, images)
+
+
 # ---------------------------------------------------------------------------- the view
 class BatchAugment:
     """One random view of every image of a uint8 batch (n x C x H x W), as a normalised float
-    batch of ``data_cfg.image_size`` px; ``two_views`` gives the query and the key view."""
+    batch of ``data_cfg.image_size`` px, after one view's recipe (``two_views`` for both)."""
 
     def __init__(self, aug_cfg, data_cfg) -> None:
         self.size, self.channels = data_cfg.image_size, data_cfg.channels
@@ -183,17 +195,15 @@ class BatchAugment:
         self.blur_kernel = blur_kernel_size(aug_cfg, self.size)
         self.blur_p = aug_cfg.blur.p if self.blur_kernel is not None else 0.0
         self.blur_sigma = tuple(aug_cfg.blur.sigma)
+        self.solarize_p = aug_cfg.get("solarize_p", 0.0)
         self.flip_p = aug_cfg.flip_p
         mean, std = mean_and_std(data_cfg)
         self.mean = torch.tensor(mean)[None, :, None, None]
         self.std = torch.tensor(std)[None, :, None, None]
 
-    def two_views(self, images: torch.Tensor, rank: int = 0, world_size: int = 1):
-        """The query and the key view of ``images``. Under DDP (``world_size`` > 1) the random
-        parameters are drawn for the global batch and this rank keeps its slice."""
-        return (self.view(images, rank, world_size), self.view(images, rank, world_size))
-
     def view(self, images: torch.Tensor, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """Under DDP (``world_size`` > 1) the random parameters are drawn for the global batch
+        and this rank keeps its slice."""
         n = images.shape[0]
         params = self.draw(n * world_size, images.shape[-2], images.shape[-1])
         mine = slice(rank * n, (rank + 1) * n)
@@ -203,7 +213,7 @@ class BatchAugment:
     def draw(self, n: int, height: int, width: int) -> dict:
         """All random choices for ``n`` images, drawn on the CPU from torch's global generator."""
         j = self.strengths  # ranges as torchvision's ColorJitter draws them
-        return {
+        params = {
             "box": crop_boxes(n, height, width, self.scale),
             "jitter": torch.rand(n) < self.jitter.p,
             # Each image's own order of brightness, contrast, saturation, hue (torch.randperm(4)
@@ -218,6 +228,9 @@ class BatchAugment:
             "sigma": _uniform(n, *self.blur_sigma),
             "flip": torch.rand(n) < self.flip_p,
         }
+        if self.solarize_p > 0:  # drawn only when used: recipes without it keep their stream
+            params["solarize"] = torch.rand(n) < self.solarize_p
+        return params
 
     def apply(self, images: torch.Tensor, p: dict) -> torch.Tensor:
         """The view that the parameters ``p`` (from ``draw``, on the images' device) describe."""
@@ -230,6 +243,8 @@ class BatchAugment:
         if self.blur_p > 0:
             blurred = gaussian_blur(x, self.blur_kernel, p["sigma"])
             x = torch.where(p["blur"][:, None, None, None], blurred, x)
+        if self.solarize_p > 0:
+            x = torch.where(p["solarize"][:, None, None, None], solarize(x), x)
         return (x - self.mean.to(x)) / self.std.to(x)
 
     def _jitter(self, x: torch.Tensor, p: dict) -> torch.Tensor:
@@ -248,3 +263,10 @@ class BatchAugment:
                     chosen = p["jitter"] & (p["order"][:, slot] == part)
                     x = torch.where(chosen[:, None, None, None], adjust(x), x)
         return x
+
+
+def two_views(aug_cfg, data_cfg) -> tuple[BatchAugment, BatchAugment]:
+    """The batched recipes of the first and the second view (moco.data.augment.view_recipes)."""
+    first, second = view_recipes(aug_cfg)
+    one = BatchAugment(first, data_cfg)
+    return one, (one if second is first else BatchAugment(second, data_cfg))

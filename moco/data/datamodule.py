@@ -6,8 +6,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from moco.data.augment import TwoViews, pretrain_transform
-from moco.data.batch_augment import BatchAugment
+from moco.data.augment import TwoViews, pretrain_transform, view_recipes
+from moco.data.batch_augment import BatchAugment, two_views
 from moco.data.datasets import TensorImages, load_dataset
 from moco.data.sampler import EpochSampler, SeededSamples
 from moco.errors import ConfigError
@@ -38,7 +38,7 @@ class PretrainDataModule(pl.LightningDataModule):
         super().__init__()
         self.data_cfg, self.augment_cfg, self.seed = data_cfg, augment_cfg, seed
         self.dataset = None
-        self.batch_augment: BatchAugment | None = None
+        self.batch_views: tuple[BatchAugment, BatchAugment] | None = None
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
 
     def setup(self, stage: str | None = None) -> None:
@@ -46,9 +46,12 @@ class PretrainDataModule(pl.LightningDataModule):
             return
         self.dataset = load_dataset(self.data_cfg, "pretrain")
         if self._batched():
-            self.batch_augment = BatchAugment(self.augment_cfg, self.data_cfg)
+            self.batch_views = two_views(self.augment_cfg, self.data_cfg)
         else:
-            self.dataset.transform = TwoViews(pretrain_transform(self.augment_cfg, self.data_cfg))
+            first, second = view_recipes(self.augment_cfg)
+            self.dataset.transform = TwoViews(
+                pretrain_transform(first, self.data_cfg), pretrain_transform(second, self.data_cfg)
+            )
 
     def _batched(self) -> bool:
         choice = self.augment_cfg.get("batched", "auto")
@@ -66,11 +69,11 @@ class PretrainDataModule(pl.LightningDataModule):
         return bool(choice)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if self.batch_augment is None:  # the workers made the views
+        if self.batch_views is None:  # the workers made the views
             return batch
         images, labels = batch
         rank, world = self._rank_and_world()
-        return self.batch_augment.two_views(images, rank, world), labels
+        return tuple(view.view(images, rank, world) for view in self.batch_views), labels
 
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer

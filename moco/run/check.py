@@ -15,6 +15,7 @@ from typing import Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
+from moco.data.augment import probabilities, view_recipes
 from moco.errors import ConfigError
 from moco.model import queue_too_small
 from moco.optim import PRETRAINING_ONLY
@@ -139,11 +140,7 @@ def check_pretrain(cfg: DictConfig) -> None:
     """Raise ConfigError with one actionable line for the first invalid value found."""
     resolved(cfg)
     data, model, trainer = cfg.data, cfg.model, cfg.trainer
-    batched = cfg.augment.batched
-    require(
-        batched in ("auto", True, False),
-        f"augment.batched={show(batched)} is unknown: use auto, true or false",
-    )
+    _check_augment(cfg.augment)
     require(data.batch_size >= 1, f"{setting('data.batch_size', data.batch_size)} must be >= 1")
     require(data.num_workers >= 0, f"{setting('data.num_workers', data.num_workers)} must be >= 0")
     require(cfg.optimizer.lr > 0, f"{setting('optimizer.lr', cfg.optimizer.lr)} must be > 0")
@@ -171,6 +168,18 @@ def check_pretrain(cfg: DictConfig) -> None:
     if cfg.eval.enabled:
         check_knn_monitor(cfg.eval)
     check_loggers(cfg.logger)  # a tracker's package missing
+
+
+def _check_augment(augment: DictConfig) -> None:
+    batched = augment.batched
+    require(
+        batched in ("auto", True, False),
+        f"augment.batched={show(batched)} is unknown: use auto, true or false",
+    )
+    first, second = view_recipes(augment)
+    for where, recipe in (("augment", first), ("augment.second_view", second)):
+        for name, p in probabilities(recipe).items():
+            require(0 <= p <= 1, f"{where}.{name}={p} is a probability: use a value in [0, 1]")
 
 
 def _check_moco(model: DictConfig, data: DictConfig, trainer: DictConfig) -> None:

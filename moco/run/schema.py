@@ -94,8 +94,11 @@ class AugmentConfig:
     color_jitter: ColorJitterConfig = field(default_factory=ColorJitterConfig)
     grayscale_p: float = 0.0
     blur: BlurConfig = field(default_factory=BlurConfig)
+    solarize_p: float = 0.0
     flip_p: float = MISSING
     batched: Any = "auto"  # auto, true or false (moco.run.check)
+    # Values the second view sets for itself (moco.data.augment.view_recipes); None: as the first.
+    second_view: Any = None
 
 
 @dataclass
