@@ -7,15 +7,21 @@
 - ``export``: a torchvision state dict with its ``<file>.json`` (scripts/export.py);
 - ``safetensors``: the same tensors with the JSON's facts in the file's metadata;
 - ``moco_v1_v2`` / ``moco_v3``: facebookresearch's ``module.encoder_q.*`` /
-  ``module.base_encoder.*`` (3-channel ImageNet models);
+  ``module.base_encoder.*`` as main_moco.py saves them: ResNet-18/50 (torchvision names) or, v3,
+  ViT-S/B (``arch`` vit_small or vit_base, timm names: moco/vit_names.py), any patch size, image
+  size, channel count and depth, read off the tensors;
+- ``moco_v3_deit``: moco-v3's convert_to_deit.py output, ``{"model": <its ViT, timm names>}``;
 - ``torchvision``: a plain ResNet-18/50 state dict, the stem guessed from conv1.
 
 Files are read with ``torch.load(weights_only=True)`` (``moco.checkpoint.load_weights_only``) or,
 for safetensors, without pickle at all. The backbone becomes this project's own module
-(``moco.encoders.build_backbone``: a torchvision ResNet with ``fc = Identity``).
+(``moco.encoders.build_backbone``: a torchvision ResNet with ``fc = Identity``, or
+``moco.vit.build_vit``: torchvision's ViT with ``heads = Identity``).
 """
 
 import json
+import math
+import re
 from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
@@ -31,6 +37,7 @@ from moco.checkpoint import (
     state_dict_mismatch,
 )
 from moco.encoders import (
+    ALL_BACKBONES,
     BACKBONES,
     V3_HEAD,
     V3_PROJECTOR_LAYERS,
@@ -40,11 +47,13 @@ from moco.encoders import (
     resolve_stem,
 )
 from moco.errors import ConfigError, DataError
+from moco.vit import VIT_SIZES, VITS, build_vit
+from moco.vit_names import TIMM_PATCH_WEIGHT, TIMM_POS_EMBED, timm_name, torchvision_name
 
 KNOWN = (
     "known formats: a scripts/pretrain.py checkpoint, a scripts/export.py export (.pth with its "
-    ".json, or .safetensors), an official MoCo v1/v2 or v3 ResNet checkpoint, a torchvision "
-    "ResNet-18/50 state dict"
+    ".json, or .safetensors), an official MoCo v1/v2 or v3 ResNet checkpoint, an official MoCo "
+    "v3 ViT-S/B checkpoint or its convert_to_deit.py output, a torchvision ResNet-18/50 state dict"
 )
 KERNEL_OF_STEM = {"small": 3, "small_pool": 3, "imagenet": 7}  # conv1's kernel size
 
@@ -53,8 +62,8 @@ KERNEL_OF_STEM = {"small": 3, "small_pool": 3, "imagenet": 7}  # conv1's kernel 
 class Weights:
     """A file's backbone weights (torchvision names, no ``fc``) and the geometry to build them."""
 
-    format: str  # pretrain, export, safetensors, moco_v1_v2, moco_v3 or torchvision
-    architecture: str  # one of moco.encoders.ALL_BACKBONES (ViTs: this project's files only)
+    format: str  # pretrain, export, safetensors, moco_v1_v2, moco_v3, moco_v3_deit, torchvision
+    architecture: str  # one of moco.encoders.ALL_BACKBONES
     stem: str  # small, small_pool or imagenet
     in_channels: int
     image_size: int | None  # None: the file does not say
@@ -66,12 +75,20 @@ class Weights:
     stem_said: bool = True  # False: guessed from conv1 alone (a state dict cannot say max-pool)
     info: dict = field(default_factory=dict)  # epoch, global_step when the file has them
     mlp_dim: int | None = None  # hidden width of a v3_mlp head
+    # A ViT's patch side and number of blocks when the file says them (official files: read off
+    # the tensors); None: moco.vit's defaults, as this project's checkpoints were built with.
+    patch_size: int | None = None
+    depth: int | None = None
 
     def build_backbone(self) -> nn.Module:
-        # The stem is resolved, so the image size given to build_backbone plays no part.
-        net = build_backbone(
-            self.architecture, self.in_channels, self.image_size or 0, stem=self.stem
-        )
+        if self.architecture in VITS:  # moco.encoders.build_backbone takes neither patch nor depth
+            net = build_vit(
+                self.architecture, self.in_channels, self.image_size, self.patch_size, self.depth
+            )
+        else:  # the stem is resolved, so the image size given to build_backbone plays no part
+            net = build_backbone(
+                self.architecture, self.in_channels, self.image_size or 0, stem=self.stem
+            )
         net.load_state_dict(self.backbone)
         return net
 
@@ -117,7 +134,7 @@ def read_weights(path, *, in_channels=None, image_size=None, stem=None, hint=KNO
 
 
 def _refuse(path: Path, why: str):
-    raise DataError(f"{path} is not a MoCo checkpoint or ResNet weights ({why}); {KNOWN}")
+    raise DataError(f"{path} is not a MoCo checkpoint or ResNet/ViT weights ({why}); {KNOWN}")
 
 
 def _recognise(obj, path: Path) -> Weights:
@@ -127,17 +144,29 @@ def _recognise(obj, path: Path) -> Weights:
     if isinstance(state, dict):
         if "encoder_spec" in obj or "hyper_parameters" in obj:  # written by pretrain.py
             return _pretrain(check_moco_checkpoint(obj, path), path)
-        _refuse_other_architectures(obj.get("arch"), path)
+        arch = obj.get("arch")
+        _refuse_other_architectures(arch, path)
         # DistributedDataParallel's module. prefix, or the same files saved without it.
         state = _without_module_prefix(state)
         keys = [str(k) for k in state]
         if any(k.startswith("encoder_q.") for k in keys):
             return _official(obj, state, path, "encoder_q.", "moco_v1_v2")
+        if arch in VITS or f"base_encoder.{TIMM_PATCH_WEIGHT}" in state:
+            base = _strip("base_encoder.", state)
+            fc = _strip("head.", base)  # the projector (vits.py's classifier slot)
+            backbone = {k: v for k, v in base.items() if not k.startswith("head.")}
+            weights = _timm_vit(backbone, path, "moco_v3", arch)
+            return _with_head(replace(weights, info={"epoch": obj.get("epoch")}), fc)
         if any(k.startswith("base_encoder.") for k in keys):
             return _official(obj, state, path, "base_encoder.", "moco_v3")
         if _all_tensors(state):  # a classifier's checkpoint (main_lincls.py): torchvision names
             return _from_resnet(state, path, "torchvision", {})
         _refuse(path, "its state_dict has no encoder_q, module.encoder_q or module.base_encoder")
+    model = obj.get("model")
+    if set(obj) == {"model"} and isinstance(model, dict) and TIMM_PATCH_WEIGHT in model:
+        # convert_to_deit.py: the base encoder without its projector, so a head.* is unexpected
+        # (a timm classifier, perhaps of a DeiT with another head count: not to be read as ours).
+        return _timm_vit(model, path, "moco_v3_deit", None)
     if _all_tensors(obj):
         obj = _without_module_prefix(obj)
         sidecar = path.with_name(path.name + ".json")
@@ -179,33 +208,50 @@ def _without_module_prefix(state: dict) -> dict:
     return state
 
 
+def _strip(prefix: str, state: dict) -> dict:
+    """The tensors of ``state`` under ``prefix``, named without it."""
+    return {k[len(prefix) :]: v for k, v in state.items() if str(k).startswith(prefix)}
+
+
 def _refuse_other_architectures(arch, path: Path) -> None:
-    """Official files name their architecture: a ViT (moco-v3) is no ResNet to rebuild."""
-    if isinstance(arch, str) and arch not in BACKBONES:
+    """Official files name their architecture: one this project has no model of (vit_large,
+    resnet101, ...) is refused by that name."""
+    if isinstance(arch, str) and arch not in ALL_BACKBONES:
         raise DataError(
-            f"{path} holds a {arch} model: only ResNet weights ({', '.join(BACKBONES)}) are read"
+            f"{path} holds a {arch} model: only {', '.join(ALL_BACKBONES)} weights are read"
         )
 
 
 def _official(checkpoint: dict, state: dict, path: Path, prefix: str, fmt: str) -> Weights:
     """facebookresearch/moco (v1/v2: ``fc`` is the MoCo head) or moco-v3 (``fc`` is the
-    projector, read as a ``v3_mlp`` head) as main_moco.py saves them (``module.`` already taken
-    off); an ``fc`` of another shape is dropped."""
-    state = {k[len(prefix) :]: v for k, v in state.items() if str(k).startswith(prefix)}
+    projector, read as a ``v3_mlp`` head) ResNets as main_moco.py saves them (``module.``
+    already taken off)."""
+    state = _strip(prefix, state)
     weights = _from_resnet(state, path, fmt, {})
     arch = checkpoint.get("arch")
-    if arch in BACKBONES and arch != weights.architecture:
+    if arch in ALL_BACKBONES and arch != weights.architecture:
         raise DataError(f"{path} says arch={arch} but holds {weights.architecture} weights")
-    info = {"epoch": checkpoint.get("epoch")}
-    fc = {k[3:]: v for k, v in state.items() if k.startswith("fc.")}
+    weights = replace(weights, info={"epoch": checkpoint.get("epoch")})
+    return _with_head(weights, _strip("fc.", state))
+
+
+def _with_head(weights: Weights, fc: dict) -> Weights:
+    """``weights`` with the MoCo head of an official file (``fc``: v1/v2's head, v3's
+    projector) when it is one of this project's heads on these features; an ``fc`` of another
+    shape (a classifier, or no v3 projector in a v3 file) is dropped."""
     head, dim, mlp_dim = _moco_head(fc)
-    if head is not None and (head == V3_HEAD) == (fmt == "moco_v3"):
-        with torch.device("meta"):
-            expected = _head(head, weights.architecture, dim, mlp_dim).state_dict()
-        if not state_dict_mismatch(expected, fc):
-            found = {"head": head, "head_state": fc, "dim": dim, "mlp_dim": mlp_dim}
-            return replace(weights, **found, info=info)
-    return replace(weights, info=info)
+    if head is None or (head == V3_HEAD) != (weights.format == "moco_v3"):
+        return weights
+    if weights.architecture in VITS:
+        features = VIT_SIZES[weights.architecture].dim
+    else:
+        features = _stock_resnet(weights.architecture)[1]
+    layers = V3_PROJECTOR_LAYERS.get(weights.architecture, 2)
+    with torch.device("meta"):
+        expected = build_head(head, features, dim, mlp_dim, layers).state_dict()
+    if state_dict_mismatch(expected, fc):
+        return weights
+    return replace(weights, head=head, head_state=fc, dim=dim, mlp_dim=mlp_dim)
 
 
 def _moco_head(fc: dict) -> tuple[str | None, int | None, int | None]:
@@ -215,14 +261,71 @@ def _moco_head(fc: dict) -> tuple[str | None, int | None, int | None]:
     if set(fc) == {"0.weight", "0.bias", "2.weight", "2.bias"}:
         return "mlp", fc["2.weight"].shape[0], None
     if {"0.weight", "3.weight", "4.running_mean"} <= set(fc) and fc["0.weight"].dim() == 2:
-        return V3_HEAD, fc["3.weight"].shape[0], fc["0.weight"].shape[0]
+        # Linear layers at 0, 3 (, 6 for a ViT's 3 layers): the last one gives the output size.
+        linear = [k for k, v in fc.items() if k.endswith(".weight") and v.dim() == 2]
+        last = max(linear, key=lambda k: int(k.split(".")[0]) if k[0].isdigit() else -1)
+        return V3_HEAD, fc[last].shape[0], fc["0.weight"].shape[0]
     return None, None, None
 
 
-def _head(kind: str, architecture: str, dim: int, mlp_dim: int | None):
-    """A head of ``kind`` on the features of a stock ``architecture``."""
-    layers = V3_PROJECTOR_LAYERS.get(architecture, 2)
-    return build_head(kind, _stock_resnet(architecture)[1], dim, mlp_dim, layers)
+def _timm_vit(state: dict, path: Path, fmt: str, arch) -> Weights:
+    """A MoCo v3 ViT backbone under timm's names (no ``head.*``), its geometry read off the
+    tensors: ``patch_embed.proj.weight`` (D x C x p x p) gives the width, the channels and the
+    patch side, ``pos_embed`` (1 x (1 + grid^2) x D) the grid, so the image is grid * p pixels;
+    the highest block index gives the depth (a block missing below it is then a missing key)."""
+    patch, table = state.get(TIMM_PATCH_WEIGHT), state.get(TIMM_POS_EMBED)
+    if not (isinstance(patch, torch.Tensor) and isinstance(table, torch.Tensor)):
+        _refuse(path, f"a ViT's {TIMM_PATCH_WEIGHT} or {TIMM_POS_EMBED} is missing")
+    tokens = table.shape[1] - 1 if table.dim() == 3 else -1
+    grid = math.isqrt(max(tokens, 0))
+    if (
+        patch.dim() != 4
+        or patch.shape[2] != patch.shape[3]
+        or grid < 1
+        or grid * grid != tokens
+        or (table.shape[0], table.shape[2]) != (1, patch.shape[0])
+    ):
+        raise DataError(
+            f"{path}: {TIMM_PATCH_WEIGHT} {_shape(patch)} and {TIMM_POS_EMBED} {_shape(table)} "
+            "are no square grid of square patches (D x C x p x p and 1 x (1 + grid^2) x D)"
+        )
+    width, in_channels, side = patch.shape[:3]
+    found = [name for name, size in VIT_SIZES.items() if size.dim == width]
+    if not found:
+        raise DataError(
+            f"{path} holds a ViT {width} wide: only "
+            f"{', '.join(f'{n} ({s.dim})' for n, s in VIT_SIZES.items())} are read"
+        )
+    if arch is not None and arch != found[0]:
+        raise DataError(f"{path} says arch={arch} but holds {found[0]} weights ({width} wide)")
+    blocks = [re.match(r"blocks\.(\d+)\.", str(k)) for k in state]
+    depth = 1 + max((int(b[1]) for b in blocks if b), default=-1)
+    if depth == 0:
+        _refuse(path, "a ViT without transformer blocks")
+    image_size = grid * side
+    with torch.device("meta"):  # names and shapes only
+        expected = build_vit(found[0], in_channels, image_size, side, depth).state_dict()
+    expected = {timm_name(k): v for k, v in expected.items()}
+    problem = state_dict_mismatch(expected, state)
+    if problem:
+        raise DataError(
+            f"{path}: the weights do not fit a {found[0]} of {depth} blocks, {side}-px patches "
+            f"on {image_size}-px {in_channels}-channel images ({problem})"
+        )
+    return Weights(
+        fmt,
+        found[0],
+        resolve_stem("auto", image_size),  # as this project's own ViT checkpoints say (unused)
+        in_channels,
+        image_size,
+        {torchvision_name(k): v for k, v in state.items()},
+        patch_size=side,
+        depth=depth,
+    )
+
+
+def _shape(value) -> str:
+    return "x".join(map(str, value.shape))
 
 
 @cache

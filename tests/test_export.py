@@ -14,12 +14,16 @@ import torch
 import torchvision
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_weights import randomise, timm_vit_features
 from torch import nn
 
 from moco.encoders import build_backbone
 from moco.errors import ConfigError, DataError
+from moco.model_v3 import MoCoV3
 from moco.run.export import FORMATS, backbone_state_dict, export_backbone
 from moco.run.export_formats import DETECTRON2_RENAMES
+from moco.vit import VIT_SIZES
+from moco.weights import read_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 # (image size, channels, backbone.stem): 8 px grey gets the small-image stem, 65 px RGB (just
@@ -421,3 +425,100 @@ def test_export_script_writes_detectron2_and_refuses_the_small_stem(trained, tmp
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("error: format=moco needs a 3-channel ImageNet-stem ResNet")
     assert not (tmp_path / "small_backbone.pth.tar").exists()
+
+
+# ------------------------------------------------------------------------- MoCo v3 ViTs
+def vit_run(monkeypatch, tmp_path: Path) -> tuple[MoCoV3, Path]:
+    """A MoCo v3 run on a ViT-S of 2 blocks (VIT_SIZES patched: an encoder spec has no depth)
+    at 28 px grey, every base-encoder tensor random, the momentum encoder apart from it, saved
+    as Lightning saves it."""
+    monkeypatch.setitem(VIT_SIZES, "vit_small", VIT_SIZES["vit_small"]._replace(depth=2))
+    torch.manual_seed(0)
+    model = MoCoV3(
+        backbone="vit_small",
+        in_channels=1,
+        image_size=28,
+        dim=8,
+        mlp_dim=16,
+        momentum=0.99,
+        momentum_schedule="cosine",
+        temperature=0.2,
+        sync_bn=False,
+        channels_last=False,
+        batch_size=4,
+        lr_reference_batch=256,
+        optimizer={"_target_": "torch.optim.SGD", "lr": 0.1},
+        scheduler={"name": "cosine"},
+    )
+    randomise(model.base_encoder)
+    randomise(model.predictor)
+    with torch.no_grad():
+        for p in model.momentum_encoder.parameters():  # the export must keep the two apart
+            p.copy_(torch.randn_like(p))
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    checkpoint |= {"epoch": 1, "global_step": 2}
+    model.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "vit.ckpt")
+    return model.eval(), tmp_path / "vit.ckpt"
+
+
+def test_a_vit_exports_to_moco_v3s_layout_with_timm_names_and_reads_back(monkeypatch, tmp_path):
+    model, ckpt = vit_run(monkeypatch, tmp_path)
+    path, meta = export_backbone(ckpt, "moco")
+    monkeypatch.undo()  # reading back, the depth comes from the file, not the default
+    saved = torch.load(path, weights_only=True)
+    assert (saved["arch"], saved["epoch"]) == ("vit_small", 2)
+    state = saved["state_dict"]
+    prefix = "module.base_encoder."
+    base = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    images = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        features = model.encoder_q.backbone(images)
+        # What main_lincls.py of moco-v3 keeps (base_encoder without head), computed as timm
+        # would: a wrong pair in the name table would show here.
+        backbone = {k: v for k, v in base.items() if not k.startswith("head.")}
+        torch.testing.assert_close(timm_vit_features(backbone, images), features)
+        weights = read_weights(path)
+        assert (weights.format, weights.depth, weights.patch_size) == ("moco_v3", 2, 4)
+        torch.testing.assert_close(weights.build_backbone().eval()(images), features)
+        torch.testing.assert_close(weights.encoder().eval()(images), model.encoder_q(images))
+    # The projector as vits.py's head, the momentum encoder under the same names, the predictor.
+    projector, momentum = model.base_encoder.heads, model.momentum_encoder
+    assert torch.equal(base["head.6.weight"], projector[6].weight)
+    assert torch.equal(base["head.7.running_var"], projector[7].running_var)
+    ln_2 = momentum.encoder.layers.encoder_layer_1.ln_2.weight
+    assert torch.equal(state["module.momentum_encoder.blocks.1.norm2.weight"], ln_2)
+    assert set(state) == {
+        *(f"module.base_encoder.{k}" for k in base),
+        *(f"module.momentum_encoder.{k}" for k in base),
+        *(f"module.predictor.{k}" for k in model.predictor.state_dict()),
+    }
+    assert meta["contents"] == ["base_encoder", "momentum_encoder", "predictor"]
+    assert meta["missing_on_load"] == ["head.weight", "head.bias"]
+    assert (meta["image_size"], meta["in_channels"], meta["patch_size"], meta["depth"]) == (
+        28,
+        1,
+        4,
+        2,
+    )
+    assert meta["stem_changes"] == [
+        "model = vits.VisionTransformerMoCo(img_size=28, patch_size=4, in_chans=1, "
+        "embed_dim=384, depth=2, num_heads=12, mlp_ratio=4, qkv_bias=True, "
+        "norm_layer=partial(nn.LayerNorm, eps=1e-6))"
+    ]
+    # Converted again, the official file gives the same file.
+    again, _ = export_backbone(path, "moco", tmp_path / "again.pth.tar")
+    resaved = torch.load(again, weights_only=True)["state_dict"]
+    assert set(resaved) == {k for k in state if k.startswith(prefix)}
+    assert all(torch.equal(v, state[k]) for k, v in resaved.items())
+
+
+@pytest.mark.parametrize("fmt", ["torchvision", "safetensors", "detectron2"])
+def test_a_vit_in_a_resnet_format_is_one_line_and_nothing_written(monkeypatch, tmp_path, fmt):
+    _, ckpt = vit_run(monkeypatch, tmp_path)
+    with pytest.raises(ConfigError) as refused:
+        export_backbone(ckpt, fmt, tmp_path / "out" / "x")
+    message = str(refused.value)
+    assert message.startswith(f"format={fmt}: export writes ResNet backbones in it; ")
+    assert "use format=moco" in message and "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vit.ckpt"]

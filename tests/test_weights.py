@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from conftest import moco_hparams, with_values
 from omegaconf import OmegaConf
@@ -16,12 +17,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 import moco
+from moco.encoders import V3_HEAD, build_head, v3_mlp
 from moco.errors import ConfigError, DataError
 from moco.eval.features import FrozenFeatures
 from moco.eval.source import load_encoder
 from moco.model import MoCo
 from moco.run.train import pretrain
 from moco.run.warm_start import warm_start
+from moco.vit import build_vit
+from moco.vit_names import timm_name
 from moco.weights import read_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -438,11 +442,166 @@ def test_a_linear_classifier_checkpoint_and_old_torchvision_files(tmp_path):
     )
 
 
-def test_a_vit_checkpoint_is_refused_by_its_architecture(tmp_path):
-    state = {"module.base_encoder.patch_embed.proj.weight": torch.zeros(8, 3, 4, 4)}
-    torch.save({"arch": "vit_small", "state_dict": state}, tmp_path / "vit.pth.tar")
-    with pytest.raises(DataError, match="holds a vit_small model: only ResNet weights"):
-        moco.load_backbone(tmp_path / "vit.pth.tar")
+# ------------------------------------------------------------------------- MoCo v3 ViTs
+def randomise(module: nn.Module) -> nn.Module:
+    """Every floating tensor of ``module`` random (LayerNorms, biases, positions, running
+    statistics too), so that any two tensors put in each other's place change the output."""
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            if tensor.is_floating_point():
+                low = 0.5 if name.endswith("running_var") else -0.5
+                tensor.uniform_(low, low + 1.0)
+    return module
+
+
+def tiny_vit(seed: int = 9) -> tuple[nn.Module, nn.Module]:
+    """A CPU-sized ViT-S of moco/vit.py (28 px grey, 4-px patches, 2 blocks) and a 3-layer v3
+    projector, both random (``randomise``), in eval mode."""
+    torch.manual_seed(seed)
+    net = build_vit("vit_small", 1, 28, depth=2)
+    head = build_head(V3_HEAD, 384, 8, 16, layers=3)
+    return randomise(net).eval(), randomise(head).eval()
+
+
+def timm_vit_features(state: dict, images: torch.Tensor, heads: int = 12) -> torch.Tensor:
+    """The class token of moco-v3's vits.py model (timm's VisionTransformer: pre-norm blocks,
+    LayerNorm eps 1e-6, q, k, v stacked in qkv, GELU MLP, final norm), computed from its
+    timm-named tensors: the reference the name table is checked against, written from timm's
+    definition rather than from torchvision's."""
+
+    def norm(x, name):
+        return F.layer_norm(
+            x, x.shape[-1:], state[f"{name}.weight"], state[f"{name}.bias"], eps=1e-6
+        )
+
+    def linear(x, name):
+        return F.linear(x, state[f"{name}.weight"], state[f"{name}.bias"])
+
+    side = state["patch_embed.proj.weight"].shape[-1]
+    x = F.conv2d(
+        images, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=side
+    )
+    x = x.flatten(2).transpose(1, 2)  # N x grid^2 x D
+    x = torch.cat([state["cls_token"].expand(len(x), -1, -1), x], dim=1) + state["pos_embed"]
+    n, tokens, width = x.shape
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    for i in range(depth):
+        block = f"blocks.{i}"
+        qkv = linear(norm(x, f"{block}.norm1"), f"{block}.attn.qkv")  # N x T x 3D
+        q, k, v = qkv.reshape(n, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+        attention = (q @ k.transpose(-2, -1) * (width // heads) ** -0.5).softmax(dim=-1)
+        mixed = (attention @ v).transpose(1, 2).reshape(n, tokens, width)  # N x T x D
+        x = x + linear(mixed, f"{block}.attn.proj")
+        hidden = F.gelu(linear(norm(x, f"{block}.norm2"), f"{block}.mlp.fc1"))
+        x = x + linear(hidden, f"{block}.mlp.fc2")
+    return norm(x, "norm")[:, 0]
+
+
+def as_timm(state: dict) -> dict:
+    """torchvision names (the projector in the heads slot) to timm's, through the table."""
+    return {timm_name(k): v for k, v in state.items()}
+
+
+def official_vit(path: Path, net: nn.Module, head: nn.Module, **changes) -> dict:
+    """What moco-v3 main_moco.py saves for a ViT: DDP's module. prefix, base and momentum
+    encoders (timm names, the projector as head.0 ... head.7), the predictor, its bookkeeping.
+    Returns the base encoder's timm-named tensors."""
+    in_slot = {**net.state_dict(), **{f"heads.{k}": v for k, v in head.state_dict().items()}}
+    base = as_timm(in_slot)
+    predictor = v3_mlp(2, 8, 16, 8, last_bn=True)
+    state = {
+        **prefixed("module.base_encoder.", base),
+        **prefixed("module.momentum_encoder.", {k: v + 1 for k, v in base.items()}),
+        **prefixed("module.predictor.", predictor.state_dict()),
+    }
+    checkpoint = {"epoch": 300, "arch": "vit_small", "state_dict": state, "optimizer": {}}
+    torch.save(checkpoint | {"scaler": {}} | changes, path)
+    return base
+
+
+def test_official_moco_v3_vit_reads_into_a_backbone_that_computes_the_same(tmp_path):
+    net, head = tiny_vit()
+    path = tmp_path / "vit-s-300ep.pth.tar"
+    base = official_vit(path, net, head)
+    assert "module.base_encoder.blocks.1.attn.qkv.weight" in torch.load(path)["state_dict"]
+    images = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        want = net(images)
+        # The file (built through the table) computes, as timm would, what the model computes:
+        # fails for any wrong pair in the table (ln_1 for norm2, fc1 for fc2, ...).
+        torch.testing.assert_close(timm_vit_features(base, images), want)
+        loaded = moco.load_backbone(path)
+        torch.testing.assert_close(loaded(images), want)
+    assert (loaded.source_format, loaded.architecture, loaded.in_channels) == (
+        "moco_v3",
+        "vit_small",
+        1,
+    )
+    assert (loaded.image_size, loaded.patch_size, len(loaded.encoder.layers)) == (28, 4, 2)
+    weights = read_weights(path)
+    assert (weights.head, weights.dim, weights.mlp_dim, weights.info) == (
+        "v3_mlp",
+        8,
+        16,
+        {"epoch": 300},
+    )
+    with torch.no_grad():  # the projector is the head, in front of the same backbone
+        torch.testing.assert_close(weights.encoder().eval()(images), head(want))
+
+
+def test_convert_to_deit_output_reads_and_a_classifier_in_it_is_refused(tmp_path):
+    net, _ = tiny_vit(seed=10)
+    deit = as_timm(net.state_dict())  # convert_to_deit.py: base encoder, no prefix, no head
+    torch.save({"model": deit}, tmp_path / "deit.pth")
+    images = torch.randn(2, 1, 28, 28)
+    loaded = moco.load_backbone(tmp_path / "deit.pth")
+    assert (
+        loaded.source_format == "moco_v3_deit" and read_weights(tmp_path / "deit.pth").head is None
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), net(images))
+        torch.testing.assert_close(timm_vit_features(deit, images), net(images))
+    classifier = {"head.weight": torch.zeros(10, 384), "head.bias": torch.zeros(10)}
+    torch.save({"model": deit | classifier}, tmp_path / "classifier.pth")
+    with pytest.raises(DataError, match="unexpected keys, first head.weight"):
+        moco.load_backbone(tmp_path / "classifier.pth")
+
+
+def _drop_block_0(state: dict) -> dict:
+    return {k: v for k, v in state.items() if ".blocks.0." not in k}
+
+
+def _widen_fc1(state: dict) -> dict:
+    return state | {"module.base_encoder.blocks.1.mlp.fc1.weight": torch.zeros(1000, 384)}
+
+
+def _rectangular_grid(state: dict) -> dict:
+    table = state["module.base_encoder.pos_embed"]
+    return state | {"module.base_encoder.pos_embed": table[:, :-7]}  # 42 patches
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (_drop_block_0, "do not fit a vit_small of 2 blocks.*missing keys, first blocks.0.norm1"),
+        (_widen_fc1, "1 of another shape, first blocks.1.mlp.fc1.weight: 1000x384 in the file"),
+        (_rectangular_grid, "are no square grid of square patches"),
+        ({"arch": "vit_base"}, "says arch=vit_base but holds vit_small weights"),
+        ({"arch": "vit_large"}, "holds a vit_large model: only resnet18, resnet50, vit_small"),
+    ],
+)
+def test_a_vit_file_that_does_not_fit_is_one_line(tmp_path, change, message):
+    path = tmp_path / "vit.pth.tar"
+    official_vit(path, *tiny_vit())
+    checkpoint = torch.load(path)
+    if callable(change):
+        checkpoint["state_dict"] = change(checkpoint["state_dict"])
+    else:
+        checkpoint |= change
+    torch.save(checkpoint, path)
+    with pytest.raises(DataError, match=message) as error:
+        moco.load_backbone(path)
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("stem", ["small", "small_pool", "imagenet"])

@@ -10,6 +10,10 @@ facts, in a JSON file next to it and, for safetensors, in the file's own metadat
 ``format=moco`` and ``format=detectron2`` write the layouts of the official MoCo code and of
 its detectron2 conversion (moco/run/export_formats.py); those tools rebuild the stock ImageNet
 ResNet, so a backbone with another stem or channel count is refused with one line.
+
+A MoCo v3 ViT goes out as ``format=moco`` only (moco-v3's layout, timm names), with the
+geometry its official model class must be built with in the JSON (``vit_facts``); the other
+formats are ResNet layouts and refuse it in one line.
 """
 
 import contextlib
@@ -22,7 +26,7 @@ import torch
 from torch import nn
 
 from moco.checkpoint import FROM_PRETRAIN, query_encoder, read_moco_checkpoint, sha256
-from moco.encoders import BACKBONES, V3_HEAD
+from moco.encoders import V3_HEAD
 from moco.errors import ConfigError, DataError
 from moco.run.export_formats import (
     FORMATS,
@@ -32,7 +36,12 @@ from moco.run.export_formats import (
     moco_v3_checkpoint,
     refuse_unless_stock_stem,
 )
+from moco.vit import VIT_SIZES, VITS
 from moco.weights import read_weights
+
+# What moco-v3's main_lincls.py builds, vits.vit_small() / vit_base(): anything else is built
+# with its VisionTransformerMoCo class and these values.
+STOCK_VIT = {"in_channels": 3, "image_size": 224, "patch_size": 16, "depth": 12}
 
 
 def backbone_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
@@ -66,6 +75,27 @@ def stem_facts(backbone: nn.Module) -> dict:
         "has_maxpool": not isinstance(maxpool, nn.Identity),
         "stem_changes": changes,  # empty: the stock torchvision model as it is
     }
+
+
+def vit_facts(net: nn.Module, architecture: str) -> dict:
+    """The geometry of a ViT of moco/vit.py, read off the module, and (``stem_changes``, as for
+    a ResNet) the line that builds it with moco-v3's vits.py when it is not the stock one."""
+    facts = {
+        "in_channels": net.conv_proj.in_channels,
+        "image_size": net.image_size,
+        "patch_size": net.patch_size,
+        "depth": len(net.encoder.layers),
+    }
+    changes = []
+    if facts != STOCK_VIT:
+        size = VIT_SIZES[architecture]
+        changes.append(
+            f"model = vits.VisionTransformerMoCo(img_size={facts['image_size']}, "
+            f"patch_size={facts['patch_size']}, in_chans={facts['in_channels']}, "
+            f"embed_dim={size.dim}, depth={facts['depth']}, num_heads={size.heads}, "
+            "mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))"
+        )
+    return {**facts, "stem_changes": changes}
 
 
 def default_output(checkpoint: Path, fmt: str) -> Path:
@@ -104,10 +134,17 @@ def export_backbone(
     # Any format moco.weights knows (a conversion); a file torch cannot read safely gets the
     # same hint as in the eval scripts.
     weights = read_weights(checkpoint, hint=FROM_PRETRAIN)
-    if weights.architecture not in BACKBONES:  # every format here is a ResNet layout
+    vit = weights.architecture in VITS
+    if vit and fmt != "moco":  # the other formats are ResNet layouts
         raise ConfigError(
-            f"export writes ResNet backbones; {checkpoint} holds a {weights.architecture}: "
-            "evaluate it with scripts/knn_eval.py or linear_probe.py, which read it"
+            f"format={fmt}: export writes ResNet backbones in it; {checkpoint} holds a "
+            f"{weights.architecture}: use format=moco (moco-v3's layout, timm names) or evaluate "
+            "it with scripts/knn_eval.py or linear_probe.py, which read it"
+        )
+    if vit and weights.head not in (None, V3_HEAD):
+        raise ConfigError(
+            f"format=moco writes a ViT as MoCo v3 (its projector as head); {checkpoint} has a "
+            f"{weights.head} head: evaluate it with scripts/knn_eval.py or linear_probe.py"
         )
     if weights.format == "pretrain":  # the whole run: key encoder and queue too
         ckpt = read_moco_checkpoint(checkpoint)
@@ -115,10 +152,15 @@ def export_backbone(
     else:  # the query encoder only (the backbone, and the head where the file has one)
         encoder, state, ckpt = weights.encoder(), {}, weights.info
     backbone = encoder.backbone
-    facts = stem_facts(backbone)
-    refuse_unless_stock_stem(fmt, facts)
-    if fmt in ("moco", "detectron2") and weights.head == V3_HEAD:  # MoCo v3's own layout
-        payload = moco_v3_checkpoint(state, encoder, weights.architecture, ckpt.get("epoch"))
+    if vit:
+        facts = vit_facts(backbone, weights.architecture)
+    else:
+        facts = stem_facts(backbone)
+        refuse_unless_stock_stem(fmt, facts)
+    if fmt in ("moco", "detectron2") and (vit or weights.head == V3_HEAD):  # MoCo v3's layout
+        payload = moco_v3_checkpoint(
+            state, encoder, weights.architecture, ckpt.get("epoch"), checkpoint
+        )
     elif fmt in ("moco", "detectron2"):
         payload = moco_checkpoint(
             state, encoder, weights.architecture, ckpt.get("epoch"), checkpoint
@@ -132,7 +174,8 @@ def export_backbone(
         "image_size": weights.image_size,
         "feature_dim": backbone.feature_dim,
         **facts,
-        "missing_on_load": ["fc.weight", "fc.bias"],  # the classifier is not part of pretraining
+        # The classifier is not part of pretraining (main_lincls.py asserts these are missing).
+        "missing_on_load": ["head.weight", "head.bias"] if vit else ["fc.weight", "fc.bias"],
         "checkpoint": str(checkpoint.resolve()),
         "checkpoint_sha256": sha256(checkpoint),
         "epoch": ckpt.get("epoch"),

@@ -10,15 +10,20 @@ unchanged. The optimizer state is left empty: those read the weights only, and a
 ``main_moco.py --resume`` cannot continue from it.
 
 A MoCo v3 model is written in the layout of facebookresearch/moco-v3 ``main_moco.py`` instead:
-``module.base_encoder.*`` (the projector as ``fc``), ``module.momentum_encoder.*`` and
-``module.predictor.*``, which are this project's own names (``moco.model_v3``), so the tensors go
-over one to one. Its ``main_lincls.py --pretrained`` reads it.
+``module.base_encoder.*`` (the projector in the classifier's slot), ``module.momentum_encoder.*``
+and ``module.predictor.*``, which are this project's own module names (``moco.model_v3``). A
+ResNet's tensors go over one to one (the projector as ``fc``); a ViT's take the timm names of
+moco-v3's ``vits.py`` (moco/vit_names.py; the projector as ``head``). Its ``main_lincls.py
+--pretrained`` reads it.
 
 ``format=detectron2`` writes what that conversion script writes from such a file (v3: from the
-base encoder).
+base encoder); it is for ResNets only.
 
 Both rebuild the stock ImageNet ResNet (3 input channels, 7x7 stride-2 conv1, max-pool) from
-the architecture name alone, so a model with another stem is refused before anything is written.
+the architecture name alone, so a ResNet with another stem is refused before anything is
+written. A ViT of any geometry is written: moco-v3's ``VisionTransformerMoCo`` takes image size,
+patch size, channels and depth as arguments (the export's JSON says them); only its
+``main_lincls.py`` builds the stock one (224 px, 3 channels, 16-px patches, 12 blocks).
 """
 
 import io
@@ -29,7 +34,10 @@ import torch
 from torch import nn
 
 from moco.checkpoint import state_dict_mismatch
+from moco.encoders import SLOTS
 from moco.errors import ConfigError, DataError
+from moco.vit import VITS
+from moco.vit_names import timm_name
 
 # format -> file extension (.pth.tar as main_moco.py names its checkpoints)
 FORMATS = {
@@ -43,7 +51,6 @@ STOCK_STEM_ONLY = ("moco", "detectron2")  # rebuilt as torchvision.models.<arch>
 KEY_ENCODER, QUEUE_KEYS, QUEUE_PTR = "encoder_k.", "queue.keys", "queue.ptr"
 # The parts of an official file, v1/v2 then v3 (a v3 file's query encoder is base_encoder).
 PARTS = ("encoder_q", "encoder_k", "queue", "base_encoder", "momentum_encoder", "predictor")
-V3_PARTS = PARTS[3:]
 # detection/convert-pretrain-to-detectron2.py, in its order.
 DETECTRON2_RENAMES = (
     ("layer1", "res2"),
@@ -91,12 +98,15 @@ def refuse_unless_stock_stem(fmt: str, facts: dict) -> None:
     )
 
 
-def _as_torchvision(encoder_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our Encoder's names (``backbone.*``, ``head.*``) as torchvision's (``*``, ``fc.*``)."""
+def _as_torchvision(
+    encoder_weights: dict[str, torch.Tensor], slot: str = "fc"
+) -> dict[str, torch.Tensor]:
+    """Our Encoder's names (``backbone.*``, ``head.*``) as torchvision's (``*``, ``fc.*``; a
+    ViT's head slot is ``heads``)."""
     renamed = {}
     for key, value in encoder_weights.items():
         part, _, rest = key.partition(".")
-        renamed[rest if part == "backbone" else f"fc.{rest}"] = value.detach().contiguous()
+        renamed[rest if part == "backbone" else f"{slot}.{rest}"] = value.detach().contiguous()
     return renamed
 
 
@@ -124,14 +134,30 @@ def moco_checkpoint(state_dict: dict, encoder: nn.Module, arch: str, epoch, path
     return {"epoch": finished, "arch": arch, "state_dict": out, "optimizer": {}}
 
 
-def moco_v3_checkpoint(state_dict: dict, encoder: nn.Module, arch: str, epoch) -> dict:
+def moco_v3_checkpoint(state_dict: dict, encoder: nn.Module, arch: str, epoch, path) -> dict:
     """The official MoCo v3 checkpoint: the base encoder from ``encoder`` (our ``Encoder``,
-    checked by ``query_encoder``: the backbone, the projector as ``fc``), and the momentum encoder
-    and predictor of a pretraining ``state_dict`` as they are (their names are the official
-    ones); a file with the base encoder only (an official one converted back) has neither."""
-    out = {f"module.base_encoder.{k}": v for k, v in _as_torchvision(encoder.state_dict()).items()}
+    checked by ``query_encoder``: the backbone, the projector in its slot), and the momentum
+    encoder and predictor of a pretraining ``state_dict`` (their module names are the official
+    ones); a file with the base encoder only (an official one converted back) has neither. A
+    ViT's tensors take timm's names, which vits.py's model has."""
+    base = _as_torchvision(encoder.state_dict(), SLOTS[arch])
+    momentum = {
+        k[len("momentum_encoder.") :]: v.detach().contiguous()
+        for k, v in state_dict.items()
+        if k.startswith("momentum_encoder.")
+    }
+    if momentum:
+        problem = state_dict_mismatch(base, momentum)
+        if problem:
+            raise DataError(
+                f"{path}: the momentum_encoder does not fit the base_encoder ({problem})"
+            )
+    if arch in VITS:  # every name is the network's (checked above), so each has a timm name
+        base, momentum = ({timm_name(k): v for k, v in part.items()} for part in (base, momentum))
+    out = {f"module.base_encoder.{k}": v for k, v in base.items()}
+    out |= {f"module.momentum_encoder.{k}": v for k, v in momentum.items()}
     for key, value in state_dict.items():
-        if key.startswith(tuple(f"{part}." for part in V3_PARTS[1:])):
+        if key.startswith("predictor."):
             out[f"module.{key}"] = value.detach().contiguous()
     finished = 0 if epoch is None else int(epoch) + 1  # as in moco_checkpoint
     return {"epoch": finished, "arch": arch, "state_dict": out, "optimizer": {}}
