@@ -14,11 +14,12 @@ python scripts/export.py checkpoint=runs/.../checkpoints/last.ckpt \
 - moco (.pth.tar): the checkpoint layout of facebookresearch/moco main_moco.py (both encoders,
   head as fc, queue dim x K); `main_lincls.py --pretrained path` and
   detection/convert-pretrain-to-detectron2.py read it. A supervised reference: encoder_q only.
-  A MoCo v3 run: moco-v3's layout (base_encoder with the projector as fc, momentum_encoder,
-  predictor), which its main_lincls.py reads.
+  A MoCo v3 run: moco-v3's layout (base_encoder with the projector as fc, or for a ViT as
+  head with timm's names, momentum_encoder, predictor), which its main_lincls.py reads.
 - detectron2 (.pkl): what that conversion script writes; MODEL.WEIGHTS path.
 moco and detectron2 need the 3-channel ImageNet stem (7x7 stride-2 conv1, max-pool): other
-models are refused with one line.
+ResNets are refused with one line. A ViT is written as moco only (any geometry: the JSON gives
+the VisionTransformerMoCo line that builds it).
 """
 
 import hydra

@@ -155,6 +155,32 @@ def tiny_moco(tiny_cfg):
     return make
 
 
+def v3_hparams(**changes) -> dict:
+    """Constructor arguments of a tiny MoCo v3 (16 px RGB, small stem)."""
+    return (
+        dict(
+            backbone="resnet18",
+            in_channels=3,
+            image_size=16,
+            dim=8,
+            mlp_dim=16,
+            momentum=0.99,
+            momentum_schedule="cosine",
+            temperature=1.0,
+            sync_bn=True,
+            channels_last=False,
+            batch_size=4,
+            lr_reference_batch=256,
+            optimizer={"_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9},
+            scheduler={"name": "cosine"},
+        )
+        | changes
+    )
+
+
+# ------------------------------------------------------------------------------------ loss
+
+
 def moco_hparams(**changes) -> dict:
     """Constructor arguments of a tiny MoCo built without Hydra (16 px RGB, small stem),
     ``changes`` applied."""

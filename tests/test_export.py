@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import v3_hparams
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_weights import randomise, timm_vit_features
+from timm_vit import randomise, timm_vit_features
 from torch import nn
 
 from moco.encoders import build_backbone
@@ -434,22 +435,7 @@ def vit_run(monkeypatch, tmp_path: Path) -> tuple[MoCoV3, Path]:
     as Lightning saves it."""
     monkeypatch.setitem(VIT_SIZES, "vit_small", VIT_SIZES["vit_small"]._replace(depth=2))
     torch.manual_seed(0)
-    model = MoCoV3(
-        backbone="vit_small",
-        in_channels=1,
-        image_size=28,
-        dim=8,
-        mlp_dim=16,
-        momentum=0.99,
-        momentum_schedule="cosine",
-        temperature=0.2,
-        sync_bn=False,
-        channels_last=False,
-        batch_size=4,
-        lr_reference_batch=256,
-        optimizer={"_target_": "torch.optim.SGD", "lr": 0.1},
-        scheduler={"name": "cosine"},
-    )
+    model = MoCoV3(**v3_hparams(backbone="vit_small", in_channels=1, image_size=28, sync_bn=False))
     randomise(model.base_encoder)
     randomise(model.predictor)
     with torch.no_grad():

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import WORLD, compose_config, run_on_two_ranks
+from conftest import WORLD, compose_config, run_on_two_ranks, v3_hparams
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -25,30 +25,6 @@ from moco.run.warm_start import warm_start
 from moco.weights import read_weights
 
 
-def v3_hparams(**changes) -> dict:
-    """Constructor arguments of a tiny MoCo v3 (16 px RGB, small stem)."""
-    return (
-        dict(
-            backbone="resnet18",
-            in_channels=3,
-            image_size=16,
-            dim=8,
-            mlp_dim=16,
-            momentum=0.99,
-            momentum_schedule="cosine",
-            temperature=1.0,
-            sync_bn=True,
-            channels_last=False,
-            batch_size=4,
-            lr_reference_batch=256,
-            optimizer={"_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9},
-            scheduler={"name": "cosine"},
-        )
-        | changes
-    )
-
-
-# ------------------------------------------------------------------------------------ loss
 def algorithm_1(q: torch.Tensor, k: torch.Tensor, t: float) -> torch.Tensor:
     """ctr(q, k) of the paper's Algorithm 1, on one process."""
     q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
