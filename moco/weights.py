@@ -11,6 +11,8 @@
   ViT-S/B (``arch`` vit_small or vit_base, timm names: moco/vit_names.py), any patch size, image
   size, channel count and depth, read off the tensors;
 - ``moco_v3_deit``: moco-v3's convert_to_deit.py output, ``{"model": <its ViT, timm names>}``;
+- ``moco_v3_lincls``: moco-v3's main_lincls.py ViT checkpoint (timm names, its classifier
+  dropped);
 - ``torchvision``: a plain ResNet-18/50 state dict, the stem guessed from conv1.
 
 Files are read with ``torch.load(weights_only=True)`` (``moco.checkpoint.load_weights_only``) or,
@@ -62,7 +64,7 @@ KERNEL_OF_STEM = {"small": 3, "small_pool": 3, "imagenet": 7}  # conv1's kernel 
 class Weights:
     """A file's backbone weights (torchvision names, no ``fc``) and the geometry to build them."""
 
-    format: str  # pretrain, export, safetensors, moco_v1_v2, moco_v3, moco_v3_deit, torchvision
+    format: str  # pretrain, export, safetensors, moco_v1_v2, moco_v3(_deit, _lincls), torchvision
     architecture: str  # one of moco.encoders.ALL_BACKBONES
     stem: str  # small, small_pool or imagenet
     in_channels: int
@@ -126,7 +128,8 @@ def read_weights(path, *, in_channels=None, image_size=None, stem=None, hint=KNO
         weights = _recognise(load_weights_only(path, hint=hint), path)
     if in_channels is not None and in_channels != weights.in_channels:
         raise DataError(f"{path} holds {weights.in_channels}-channel weights, not {in_channels}")
-    if stem is not None and stem != "auto" and stem != weights.stem:
+    vit = weights.architecture in VITS  # no stem to compare
+    if stem is not None and stem != "auto" and stem != weights.stem and not vit:
         if weights.stem_said or KERNEL_OF_STEM.get(stem) != KERNEL_OF_STEM[weights.stem]:
             raise DataError(f"{path} holds a {weights.stem} stem, not stem={stem}")
         weights = replace(weights, stem=stem)
@@ -151,6 +154,10 @@ def _recognise(obj, path: Path) -> Weights:
         keys = [str(k) for k in state]
         if any(k.startswith("encoder_q.") for k in keys):
             return _official(obj, state, path, "encoder_q.", "moco_v1_v2")
+        if TIMM_PATCH_WEIGHT in state:  # main_lincls.py's ViT: its classifier is no MoCo head
+            backbone = {k: v for k, v in state.items() if not str(k).startswith("head.")}
+            weights = _timm_vit(backbone, path, "moco_v3_lincls", arch)
+            return replace(weights, info={"epoch": obj.get("epoch")})
         if arch in VITS or f"base_encoder.{TIMM_PATCH_WEIGHT}" in state:
             base = _strip("base_encoder.", state)
             fc = _strip("head.", base)  # the projector (vits.py's classifier slot)

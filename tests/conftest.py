@@ -178,9 +178,6 @@ def v3_hparams(**changes) -> dict:
     )
 
 
-# ------------------------------------------------------------------------------------ loss
-
-
 def moco_hparams(**changes) -> dict:
     """Constructor arguments of a tiny MoCo built without Hydra (16 px RGB, small stem),
     ``changes`` applied."""

@@ -1,8 +1,11 @@
 """The batched augmentation (moco/data/batch_augment.py) against torchvision, op by op, and as a
 whole against the per-image pipeline it replaces."""
 
+import dataclasses
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -22,6 +25,7 @@ from moco.data.batch_augment import (
 )
 from moco.errors import ConfigError
 from moco.run.check import check_pretrain
+from moco.run.schema import ViewConfig
 from tests.conftest import with_values
 
 # Boxes (top, left, h, w) in a 20 x 20 image: whole, inner, thin, edge-touching, near-whole.
@@ -191,7 +195,11 @@ def test_v3_views_differ_as_moco_v3s_recipe_says(compose):
     check_pretrain(cfg)
     first, second = view_recipes(cfg.augment)
     assert (first.blur.p, first.solarize_p, second.blur.p, second.solarize_p) == (1.0, 0, 0.1, 0.2)
-    assert first.crop_scale == second.crop_scale and first.color_jitter == second.color_jitter
+    per_view = [f.name for f in dataclasses.fields(ViewConfig)]  # not name, batched, second_view
+    rest = [{k: OmegaConf.to_container(r)[k] for k in per_view} for r in (first, second)]
+    for recipe in rest:
+        recipe["blur"].pop("p"), recipe.pop("solarize_p")
+    assert rest[0] == rest[1]
     batched = two_views(cfg.augment, cfg.data)
     assert [(v.blur_p, v.solarize_p) for v in batched] == [(1.0, 0.0), (0.1, 0.2)]
     per_image = [list(pretrain_transform(r, cfg.data).transforms) for r in (first, second)]
@@ -199,6 +207,34 @@ def test_v3_views_differ_as_moco_v3s_recipe_says(compose):
     assert solarizers[0] == [] and [op.p for op in solarizers[1]] == [0.2]
     blur_p = [[op.p for op in ops if isinstance(op, v2.RandomApply)][-1] for ops in per_image]
     assert blur_p == [1.0, 0.1]  # the last RandomApply of a view is its blur
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "per-image"])
+def test_the_datamodule_makes_the_second_view_after_its_own_recipe(tiny_cfg, batched):
+    cfg = tiny_cfg(f"augment.batched={str(batched).lower()}", "augment.second_view.solarize_p=1.0")
+    dm = PretrainDataModule(cfg.data, cfg.augment)
+    dm.setup("fit")
+    if batched:
+        assert [view.solarize_p for view in dm.batch_views] == [0.0, 1.0]
+    else:
+        views = dm.dataset.transform
+        ops = [list(views.first.transforms), list(views.second.transforms)]
+        solarizers = [[op.p for op in o if isinstance(op, v2.RandomSolarize)] for o in ops]
+        assert solarizers == [[], [1.0]]
+
+
+def test_a_recipe_without_solarisation_draws_what_it_drew_before(compose):
+    """Solarisation's draw is made only when a view uses it, so the random stream of the v1/v2
+    recipes, and with it every seeded run recorded before, stays as it was."""
+    cfg = compose(["data=synthetic", "data.image_size=16"])
+    torch.manual_seed(0)
+    params = BatchAugment(cfg.augment, cfg.data).draw(4, 16, 16)
+    after = torch.rand(1)
+    assert "solarize" not in params
+    solarizing = BatchAugment(with_values(cfg, "augment.solarize_p=0.5").augment, cfg.data)
+    torch.manual_seed(0)
+    solarizing.draw(4, 16, 16)
+    assert not torch.equal(torch.rand(1), after)  # one draw more: the check above can fail
 
 
 def test_each_rank_takes_its_slice_of_the_global_batchs_parameters(compose):

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 import moco.run.hardware as hardware
 from moco.errors import ConfigError
 from moco.run.check import check_pretrain
+from moco.run.schema import ViewChanges, ViewConfig
 
 
 # ------------------------------------------------------------------------ composed experiments
@@ -147,9 +148,10 @@ def assert_rejected(make_cfg, *fragments: str) -> str:
         (["model.momentum_schedule=linear"], ["model.momentum_schedule"]),
         (["augment.batched=sometimes"], ["augment.batched='sometimes'", "auto, true or false"]),
         (["augment.solarize_p=1.5"], ["augment.solarize_p=1.5", "[0, 1]"]),
-        (["augment.second_view=0.2"], ["augment.second_view must be a mapping"]),
-        (["augment.second_view={batched: false}"], ["second_view.batched", "flip_p"]),
-        (["augment.second_view={blur: {size: 3}}"], ["second_view.blur.size", "sigma"]),
+        (["augment.second_view=0.2"], ["ViewChanges", "0.2"]),
+        (["augment.second_view={batched: false}"], ["augment.second_view.batched"]),
+        (["augment.second_view={blur: {size: 3}}"], ["augment.second_view.blur.size"]),
+        (["augment.second_view.solarize_p=abc"], ["augment.second_view.solarize_p"]),
         (["augment.second_view={blur: {p: -0.1}}"], ["augment.second_view.blur.p=-0.1"]),
         (["scheduler.name=poly"], ["scheduler.name"]),
         (["data.batch_size=0"], ["data.batch_size"]),
@@ -159,6 +161,13 @@ def assert_rejected(make_cfg, *fragments: str) -> str:
 )
 def test_invalid_values_are_rejected_with_one_line(default_with, overrides, fragments):
     assert_rejected(lambda: default_with(*overrides), *fragments)
+
+
+def test_the_second_view_can_set_every_value_of_a_view_and_nothing_else():
+    def names(cls) -> set:
+        return set(_flat(OmegaConf.to_container(OmegaConf.structured(cls))))
+
+    assert names(ViewChanges) == names(ViewConfig)
 
 
 @pytest.mark.parametrize(
@@ -173,6 +182,7 @@ def test_invalid_values_are_rejected_with_one_line(default_with, overrides, frag
         ["augment.batched=false"],
         ["augment.batched=true"],
         ["augment.second_view={flip_p: 0.0}"],
+        ["augment.second_view.solarize_p=0.3"],
         ["trainer.max_epochs=-1", "trainer.max_steps=100"],
     ],
 )
@@ -280,12 +290,28 @@ def test_cfg_job_shows_values_not_resolver_expressions():
 BEFORE = json.loads(
     (Path(__file__).parent / "data" / "experiments_before_typed_configs.json").read_text()
 )
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 INTENDED = {
     # The recipe no longer sets a hardware choice: auto resolves it (next test).
     **{(name, "trainer.precision"): ("32", "auto") for name in FASHION_MNIST_EXPERIMENTS},
     # Recipe values added later, at defaults that change nothing (MoCo v3's views).
     **{(name, "augment.solarize_p"): ("<absent>", "0.0") for name in BEFORE},
-    **{(name, "augment.second_view"): ("<absent>", "None") for name in BEFORE},
+    **{
+        (name, f"augment.second_view.{key}"): ("<absent>", "None")
+        for name in BEFORE
+        for key in _flat(OmegaConf.to_container(OmegaConf.structured(ViewChanges)))
+    },
     # The supervised reference has its own model config, without MoCo's keys.
     **{
         ("supervised", f"model.{key}"): "removed"
@@ -302,16 +328,6 @@ INTENDED = {
         )
     },  # fmt: skip
 }
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 @pytest.mark.parametrize("experiment", sorted(BEFORE))

@@ -17,6 +17,7 @@ from moco.data.augment import TwoViews, pretrain_transform
 from moco.data.idx import read_idx
 from moco.data.synthetic import make_synthetic
 from moco.errors import DataError
+from moco.run.schema import ViewConfig
 
 FMNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
 
@@ -343,16 +344,18 @@ def test_pretrain_datamodule_yields_pairs_of_views_with_drop_last(tiny_cfg):
 
 
 def test_augmentation_without_jitter_needs_no_jitter_strengths(compose):
-    # The linear probe's augmentation (conf/probe/) says only color_jitter: {p: 0}.
+    # The linear probe's augmentation (conf/probe/, typed by ViewConfig) says only
+    # color_jitter: {p: 0}.
     cfg = compose(["data=stl10"])
-    plain = OmegaConf.create(
+    plain = OmegaConf.merge(
+        ViewConfig,
         {
             "crop_scale": [0.08, 1.0],
             "color_jitter": {"p": 0.0},
             "grayscale_p": 0.0,
             "blur": {"p": 0.0},
             "flip_p": 0.5,
-        }
+        },
     )
     ops = flat_ops(pretrain_transform(plain, cfg.data))
     assert not find(ops, v2.ColorJitter) and not find(ops, v2.RandomGrayscale)

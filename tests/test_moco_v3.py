@@ -25,6 +25,7 @@ from moco.run.warm_start import warm_start
 from moco.weights import read_weights
 
 
+# ------------------------------------------------------------------------------------ loss
 def algorithm_1(q: torch.Tensor, k: torch.Tensor, t: float) -> torch.Tensor:
     """ctr(q, k) of the paper's Algorithm 1, on one process."""
     q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)

@@ -522,6 +522,20 @@ def test_convert_to_deit_output_reads_and_a_classifier_in_it_is_refused(tmp_path
         moco.load_backbone(tmp_path / "classifier.pth")
 
 
+def test_a_main_lincls_vit_checkpoint_reads_without_its_classifier(tmp_path):
+    net, _ = tiny_vit(seed=11)
+    classifier = {"head.weight": torch.randn(10, 384), "head.bias": torch.randn(10)}
+    state = prefixed("module.", as_timm(net.state_dict()) | classifier)
+    path = tmp_path / "linear-vit-s-300ep.pth.tar"
+    torch.save({"epoch": 90, "arch": "vit_small", "state_dict": state, "optimizer": {}}, path)
+    loaded = moco.load_backbone(path, stem="small")  # a stem names nothing in a ViT
+    images = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), net(images))
+    weights = read_weights(path)
+    assert (weights.format, weights.head, weights.info) == ("moco_v3_lincls", None, {"epoch": 90})
+
+
 def _drop_block_0(state: dict) -> dict:
     return {k: v for k, v in state.items() if ".blocks.0." not in k}
 

@@ -1,4 +1,4 @@
-"""Augmentation recipes of MoCo v1 and v2 ("aug+"), sized by the data set.
+"""Augmentation recipes of MoCo v1, v2 ("aug+") and v3, sized by the data set.
 
 The recipe (conf/augment/) says which operations the paper uses; the data config says the image
 size and channel count, and the rules below drop what makes no sense for the data:
@@ -18,36 +18,32 @@ from torchvision.transforms import v2
 
 from moco.errors import ConfigError
 
-# The values a view may set for itself; the rest (the name, batched) belong to the whole recipe.
-PER_VIEW = ("crop_scale", "color_jitter", "grayscale_p", "blur", "solarize_p", "flip_p")
 # Solarisation inverts the values at or above half the range: PIL's ImageOps.solarize default
 # (128 of 255), which MoCo v3 and BYOL use.
-SOLARIZE_THRESHOLD = 128 / 255
+SOLARIZE_THRESHOLD_8BIT = 128
+SOLARIZE_THRESHOLD = SOLARIZE_THRESHOLD_8BIT / 255  # the same on values in [0, 1]
 
 
 def view_recipes(aug_cfg) -> tuple:
-    """The recipes of the first and the second view: the second is the first with
-    ``aug_cfg.second_view``'s values put over it (None or absent: the same recipe)."""
-    changes = aug_cfg.get("second_view")
+    """The recipes of the first and the second view: the second is the first with the values
+    set in ``aug_cfg.second_view`` (None: the first view's) put over it."""
+    changes = _values_set(aug_cfg.get("second_view"))
     if not changes:
         return aug_cfg, aug_cfg
-    _check_view_keys(changes, PER_VIEW, aug_cfg, "augment.second_view")
-    second = OmegaConf.merge(aug_cfg, changes)
-    second.second_view = None
-    return aug_cfg, second
+    return aug_cfg, OmegaConf.merge(aug_cfg, changes)
 
 
-def _check_view_keys(changes, allowed, recipe, where: str) -> None:
-    """Each key of ``changes`` names a value of ``recipe`` among ``allowed``, down the tree."""
-    if not OmegaConf.is_dict(changes):
-        raise ConfigError(f"{where} must be a mapping of recipe values, e.g. {{solarize_p: 0.2}}")
-    for key, value in changes.items():
-        if key not in allowed:
-            raise ConfigError(
-                f"{where}.{key} is not a value a view can set: use {', '.join(allowed)}"
-            )
+def _values_set(node) -> dict:
+    """The values of ``node`` that are not None, as a nested dict (empty: none)."""
+    if node is None:
+        return {}
+    found = {}
+    for key, value in node.items():
         if OmegaConf.is_dict(value):
-            _check_view_keys(value, tuple(recipe[key]), recipe[key], f"{where}.{key}")
+            value = _values_set(value)
+        if value is not None and value != {}:
+            found[key] = value
+    return found
 
 
 def probabilities(aug_cfg) -> dict[str, float]:
@@ -56,7 +52,7 @@ def probabilities(aug_cfg) -> dict[str, float]:
         "color_jitter.p": aug_cfg.color_jitter.p,
         "grayscale_p": aug_cfg.grayscale_p,
         "blur.p": aug_cfg.blur.p,
-        "solarize_p": aug_cfg.get("solarize_p", 0.0),
+        "solarize_p": aug_cfg.solarize_p,
         "flip_p": aug_cfg.flip_p,
     }
 
@@ -114,9 +110,8 @@ def pretrain_transform(aug_cfg, data_cfg) -> v2.Compose:
                 [v2.GaussianBlur(kernel, sigma=tuple(aug_cfg.blur.sigma))], p=aug_cfg.blur.p
             )
         )
-    solarize_p = aug_cfg.get("solarize_p", 0.0)
-    if solarize_p > 0:  # on the uint8 image, so the threshold in its 0-255 range
-        ops.append(v2.RandomSolarize(threshold=round(SOLARIZE_THRESHOLD * 255), p=solarize_p))
+    if aug_cfg.solarize_p > 0:  # on the uint8 image: the threshold in its 0-255 range
+        ops.append(v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD_8BIT, p=aug_cfg.solarize_p))
     if aug_cfg.flip_p > 0:
         ops.append(v2.RandomHorizontalFlip(p=aug_cfg.flip_p))
     return v2.Compose(ops + _normalize(data_cfg))
@@ -138,7 +133,7 @@ class TwoViews:
     independently."""
 
     def __init__(self, first, second=None) -> None:
-        self.first, self.second = first, second or first
+        self.first, self.second = first, first if second is None else second
 
     def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.first(image), self.second(image)

@@ -195,15 +195,15 @@ class BatchAugment:
         self.blur_kernel = blur_kernel_size(aug_cfg, self.size)
         self.blur_p = aug_cfg.blur.p if self.blur_kernel is not None else 0.0
         self.blur_sigma = tuple(aug_cfg.blur.sigma)
-        self.solarize_p = aug_cfg.get("solarize_p", 0.0)
+        self.solarize_p = aug_cfg.solarize_p
         self.flip_p = aug_cfg.flip_p
         mean, std = mean_and_std(data_cfg)
         self.mean = torch.tensor(mean)[None, :, None, None]
         self.std = torch.tensor(std)[None, :, None, None]
 
     def view(self, images: torch.Tensor, rank: int = 0, world_size: int = 1) -> torch.Tensor:
-        """Under DDP (``world_size`` > 1) the random parameters are drawn for the global batch
-        and this rank keeps its slice."""
+        """The view of ``images`` after this recipe. Under DDP (``world_size`` > 1) the random
+        parameters are drawn for the global batch and this rank keeps its slice."""
         n = images.shape[0]
         params = self.draw(n * world_size, images.shape[-2], images.shape[-1])
         mine = slice(rank * n, (rank + 1) * n)

@@ -177,9 +177,13 @@ def _check_augment(augment: DictConfig) -> None:
         f"augment.batched={show(batched)} is unknown: use auto, true or false",
     )
     first, second = view_recipes(augment)
-    for where, recipe in (("augment", first), ("augment.second_view", second)):
-        for name, p in probabilities(recipe).items():
-            require(0 <= p <= 1, f"{where}.{name}={p} is a probability: use a value in [0, 1]")
+    _check_probabilities("augment", first)
+    _check_probabilities("augment.second_view", second)
+
+
+def _check_probabilities(where: str, recipe: DictConfig) -> None:
+    for name, p in probabilities(recipe).items():
+        require(0 <= p <= 1, f"{where}.{name}={p} is a probability: use a value in [0, 1]")
 
 
 def _check_moco(model: DictConfig, data: DictConfig, trainer: DictConfig) -> None:
@@ -289,6 +293,7 @@ def check_eval(cfg: DictConfig) -> None:
         p = cfg.probe
         require(p.epochs >= 1, f"probe.epochs={p.epochs} must be >= 1")
         require(p.batch_size >= 1, f"probe.batch_size={p.batch_size} must be >= 1")
+        _check_probabilities("probe.augmentation", p.augmentation)
         for name, opt in optimizers(cfg).items():
             try:
                 lr = opt.lr

@@ -8,7 +8,7 @@ from omegaconf import MISSING
 
 from moco.eval.probe import NORMALISATIONS
 from moco.run.export_formats import FORMATS
-from moco.run.schema import AugmentConfig, DataConfig, Layer, SchedulerConfig, choices
+from moco.run.schema import DataConfig, Layer, SchedulerConfig, ViewConfig, choices
 
 Normalisation = choices("Normalisation", NORMALISATIONS)
 ExportFormat = choices("ExportFormat", FORMATS)
@@ -38,7 +38,7 @@ class ProbeConfig:
     batch_size: int = MISSING
     normalize: Normalisation = MISSING
     augment: bool = MISSING
-    augmentation: AugmentConfig = MISSING
+    augmentation: ViewConfig = MISSING
     seed: int = MISSING
     threads: int | None = MISSING
     lr_by_optimizer: dict[str, float] = MISSING

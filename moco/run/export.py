@@ -157,18 +157,19 @@ def export_backbone(
     else:
         facts = stem_facts(backbone)
         refuse_unless_stock_stem(fmt, facts)
+    # main_moco.py saves the epochs finished. Lightning counts epochs from 0 in its checkpoints;
+    # an official file (or an export of one) already holds the count.
+    finished = ckpt.get("epoch")
+    if weights.format == "pretrain" and finished is not None:
+        finished = int(finished) + 1
     if fmt in ("moco", "detectron2") and (vit or weights.head == V3_HEAD):  # MoCo v3's layout
-        payload = moco_v3_checkpoint(
-            state, encoder, weights.architecture, ckpt.get("epoch"), checkpoint
-        )
+        payload = moco_v3_checkpoint(state, encoder, weights.architecture, finished, checkpoint)
     elif fmt in ("moco", "detectron2"):
-        payload = moco_checkpoint(
-            state, encoder, weights.architecture, ckpt.get("epoch"), checkpoint
-        )
+        payload = moco_checkpoint(state, encoder, weights.architecture, finished, checkpoint)
     else:
         payload = backbone_state_dict(backbone)
     meta = {
-        "architecture": weights.architecture,  # torchvision.models.<architecture>()
+        "architecture": weights.architecture,  # a ResNet: torchvision.models.<architecture>()
         "format": fmt,
         "source_format": weights.format,
         "image_size": weights.image_size,

@@ -110,7 +110,7 @@ def _as_torchvision(
     return renamed
 
 
-def moco_checkpoint(state_dict: dict, encoder: nn.Module, arch: str, epoch, path) -> dict:
+def moco_checkpoint(state_dict: dict, encoder: nn.Module, arch: str, epochs_finished, path) -> dict:
     """The official MoCo checkpoint of a pretraining ``state_dict`` whose ``encoder_q`` is
     ``encoder`` (rebuilt and checked by ``query_encoder``). A supervised reference has no key
     encoder and no queue: the file then holds ``module.encoder_q.*`` only, all that
@@ -129,12 +129,12 @@ def moco_checkpoint(state_dict: dict, encoder: nn.Module, arch: str, epoch, path
         # ours is K x dim (a key per row), main_moco.py's dim x K (a key per column)
         out["module.queue"] = state_dict[QUEUE_KEYS].t().contiguous()
         out["module.queue_ptr"] = state_dict[QUEUE_PTR].reshape(1).long()
-    # Lightning counts epochs from 0 in its checkpoints; main_moco.py saves the epochs finished.
-    finished = 0 if epoch is None else int(epoch) + 1
-    return {"epoch": finished, "arch": arch, "state_dict": out, "optimizer": {}}
+    return {"epoch": epochs_finished or 0, "arch": arch, "state_dict": out, "optimizer": {}}
 
 
-def moco_v3_checkpoint(state_dict: dict, encoder: nn.Module, arch: str, epoch, path) -> dict:
+def moco_v3_checkpoint(
+    state_dict: dict, encoder: nn.Module, arch: str, epochs_finished, path
+) -> dict:
     """The official MoCo v3 checkpoint: the base encoder from ``encoder`` (our ``Encoder``,
     checked by ``query_encoder``: the backbone, the projector in its slot), and the momentum
     encoder and predictor of a pretraining ``state_dict`` (their module names are the official
@@ -159,8 +159,7 @@ def moco_v3_checkpoint(state_dict: dict, encoder: nn.Module, arch: str, epoch, p
     for key, value in state_dict.items():
         if key.startswith("predictor."):
             out[f"module.{key}"] = value.detach().contiguous()
-    finished = 0 if epoch is None else int(epoch) + 1  # as in moco_checkpoint
-    return {"epoch": finished, "arch": arch, "state_dict": out, "optimizer": {}}
+    return {"epoch": epochs_finished or 0, "arch": arch, "state_dict": out, "optimizer": {}}
 
 
 def moco_contents(moco_state_dict: dict) -> list[str]:

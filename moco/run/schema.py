@@ -88,17 +88,53 @@ class BlurConfig:
 
 
 @dataclass
-class AugmentConfig:
-    name: str = "custom"
+class ViewConfig:
+    """One view's recipe (moco/data/augment.py); the probe's augmentation is one too."""
+
     crop_scale: list[float] = MISSING
     color_jitter: ColorJitterConfig = field(default_factory=ColorJitterConfig)
     grayscale_p: float = 0.0
     blur: BlurConfig = field(default_factory=BlurConfig)
     solarize_p: float = 0.0
     flip_p: float = MISSING
+
+
+# The values the second view may set for itself: ViewConfig's, each None (the first view's) by
+# default. tests/test_config.py checks that the names stay those of ViewConfig.
+@dataclass
+class ColorJitterChanges:
+    p: float | None = None
+    brightness: float | None = None
+    contrast: float | None = None
+    saturation: float | None = None
+    hue: float | None = None
+
+
+@dataclass
+class BlurChanges:
+    p: float | None = None
+    sigma: list[float] | None = None
+    min_size: int | None = None
+
+
+@dataclass
+class ViewChanges:
+    crop_scale: list[float] | None = None
+    color_jitter: ColorJitterChanges = field(default_factory=ColorJitterChanges)
+    grayscale_p: float | None = None
+    blur: BlurChanges = field(default_factory=BlurChanges)
+    solarize_p: float | None = None
+    flip_p: float | None = None
+
+
+@dataclass
+class AugmentConfig(ViewConfig):
+    """The first view's recipe, what the second changes (moco.data.augment.view_recipes), and
+    where the views are made."""
+
+    name: str = "custom"
     batched: Any = "auto"  # auto, true or false (moco.run.check)
-    # Values the second view sets for itself (moco.data.augment.view_recipes); None: as the first.
-    second_view: Any = None
+    second_view: ViewChanges = field(default_factory=ViewChanges)
 
 
 @dataclass
