@@ -128,11 +128,7 @@ def query_encoder(checkpoint: dict, path: Path) -> Encoder:
     except MocoUserError as exc:  # e.g. a backbone this version of the code does not know
         raise DataError(f"{path}: {exc}") from None
     prefix = V3_PREFIX if spec.slot else PREFIX
-    weights = {
-        k[len(prefix) :]: v
-        for k, v in checkpoint["state_dict"].items()
-        if isinstance(k, str) and k.startswith(prefix)
-    }
+    weights = under(prefix, checkpoint["state_dict"])
     if spec.slot:  # MoCo v3: the projector sits in the backbone's own slot
         weights = slot_to_encoder_keys(weights, spec.slot)
     problem = state_dict_mismatch(encoder.state_dict(), weights)
@@ -151,7 +147,15 @@ def query_encoder(checkpoint: dict, path: Path) -> Encoder:
     return encoder
 
 
-def _shape(value) -> str:
+def under(prefix: str, state: dict) -> dict:
+    """The entries of ``state`` whose name starts with ``prefix``, named without it."""
+    return {
+        k[len(prefix) :]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)
+    }
+
+
+def shape_text(value) -> str:
+    """A tensor's shape as 3x4x5, or the type of anything else (for error lines)."""
     shape = getattr(value, "shape", None)
     return "x".join(map(str, shape)) if shape is not None else type(value).__name__
 
@@ -176,7 +180,7 @@ def state_dict_mismatch(expected: dict, given: dict) -> str:
         k = reshaped[0]
         parts.append(
             f"{len(reshaped)} of another shape, first {k}: "
-            f"{_shape(given[k])} in the file, {_shape(expected[k])} expected"
+            f"{shape_text(given[k])} in the file, {shape_text(expected[k])} expected"
         )
     return "; ".join(parts)
 

@@ -36,7 +36,9 @@ from moco.checkpoint import (
     encoder_spec,
     load_weights_only,
     query_encoder,
+    shape_text,
     state_dict_mismatch,
+    under,
 )
 from moco.encoders import (
     ALL_BACKBONES,
@@ -159,8 +161,8 @@ def _recognise(obj, path: Path) -> Weights:
             weights = _timm_vit(backbone, path, "moco_v3_lincls", arch)
             return replace(weights, info={"epoch": obj.get("epoch")})
         if arch in VITS or f"base_encoder.{TIMM_PATCH_WEIGHT}" in state:
-            base = _strip("base_encoder.", state)
-            fc = _strip("head.", base)  # the projector (vits.py's classifier slot)
+            base = under("base_encoder.", state)
+            fc = under("head.", base)  # the projector (vits.py's classifier slot)
             backbone = {k: v for k, v in base.items() if not k.startswith("head.")}
             weights = _timm_vit(backbone, path, "moco_v3", arch)
             return _with_head(replace(weights, info={"epoch": obj.get("epoch")}), fc)
@@ -215,11 +217,6 @@ def _without_module_prefix(state: dict) -> dict:
     return state
 
 
-def _strip(prefix: str, state: dict) -> dict:
-    """The tensors of ``state`` under ``prefix``, named without it."""
-    return {k[len(prefix) :]: v for k, v in state.items() if str(k).startswith(prefix)}
-
-
 def _refuse_other_architectures(arch, path: Path) -> None:
     """Official files name their architecture: one this project has no model of (vit_large,
     resnet101, ...) is refused by that name."""
@@ -233,13 +230,13 @@ def _official(checkpoint: dict, state: dict, path: Path, prefix: str, fmt: str) 
     """facebookresearch/moco (v1/v2: ``fc`` is the MoCo head) or moco-v3 (``fc`` is the
     projector, read as a ``v3_mlp`` head) ResNets as main_moco.py saves them (``module.``
     already taken off)."""
-    state = _strip(prefix, state)
+    state = under(prefix, state)
     weights = _from_resnet(state, path, fmt, {})
     arch = checkpoint.get("arch")
     if arch in ALL_BACKBONES and arch != weights.architecture:
         raise DataError(f"{path} says arch={arch} but holds {weights.architecture} weights")
     weights = replace(weights, info={"epoch": checkpoint.get("epoch")})
-    return _with_head(weights, _strip("fc.", state))
+    return _with_head(weights, under("fc.", state))
 
 
 def _with_head(weights: Weights, fc: dict) -> Weights:
@@ -293,8 +290,9 @@ def _timm_vit(state: dict, path: Path, fmt: str, arch) -> Weights:
         or (table.shape[0], table.shape[2]) != (1, patch.shape[0])
     ):
         raise DataError(
-            f"{path}: {TIMM_PATCH_WEIGHT} {_shape(patch)} and {TIMM_POS_EMBED} {_shape(table)} "
-            "are no square grid of square patches (D x C x p x p and 1 x (1 + grid^2) x D)"
+            f"{path}: {TIMM_PATCH_WEIGHT} {shape_text(patch)} and {TIMM_POS_EMBED} "
+            f"{shape_text(table)} are no square grid of square patches "
+            "(D x C x p x p and 1 x (1 + grid^2) x D)"
         )
     width, in_channels, side = patch.shape[:3]
     found = [name for name, size in VIT_SIZES.items() if size.dim == width]
@@ -329,10 +327,6 @@ def _timm_vit(state: dict, path: Path, fmt: str, arch) -> Weights:
         patch_size=side,
         depth=depth,
     )
-
-
-def _shape(value) -> str:
-    return "x".join(map(str, value.shape))
 
 
 @cache

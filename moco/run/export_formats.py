@@ -33,7 +33,7 @@ import pickle
 import torch
 from torch import nn
 
-from moco.checkpoint import state_dict_mismatch
+from moco.checkpoint import state_dict_mismatch, under
 from moco.encoders import SLOTS
 from moco.errors import ConfigError, DataError
 from moco.vit import VITS
@@ -110,6 +110,17 @@ def _as_torchvision(
     return renamed
 
 
+def _key_encoder(state_dict: dict, prefix: str, query: dict, path, query_name: str) -> dict:
+    """The key (momentum) encoder's tensors under ``prefix``, named without it and checked to fit
+    the query encoder's ``query``; empty when the file has none (a converted official file, a
+    supervised reference)."""
+    key = {k: v.detach().contiguous() for k, v in under(prefix, state_dict).items()}
+    problem = state_dict_mismatch(query, key) if key else ""
+    if problem:
+        raise DataError(f"{path}: the {prefix[:-1]} weights do not fit {query_name} ({problem})")
+    return key
+
+
 def moco_checkpoint(state_dict: dict, encoder: nn.Module, arch: str, epochs_finished, path) -> dict:
     """The official MoCo checkpoint of a pretraining ``state_dict`` whose ``encoder_q`` is
     ``encoder`` (rebuilt and checked by ``query_encoder``). A supervised reference has no key
@@ -117,13 +128,8 @@ def moco_checkpoint(state_dict: dict, encoder: nn.Module, arch: str, epochs_fini
     ``main_lincls.py`` and the detectron2 conversion read."""
     query = encoder.state_dict()
     out = {f"module.encoder_q.{k}": v for k, v in _as_torchvision(query).items()}
-    key_encoder = {
-        k[len(KEY_ENCODER) :]: v for k, v in state_dict.items() if k.startswith(KEY_ENCODER)
-    }
+    key_encoder = _key_encoder(state_dict, KEY_ENCODER, query, path, "encoder_q")
     if key_encoder:
-        problem = state_dict_mismatch(query, key_encoder)
-        if problem:
-            raise DataError(f"{path}: the encoder_k weights do not fit encoder_q ({problem})")
         out.update({f"module.encoder_k.{k}": v for k, v in _as_torchvision(key_encoder).items()})
     if QUEUE_KEYS in state_dict and QUEUE_PTR in state_dict:
         # ours is K x dim (a key per row), main_moco.py's dim x K (a key per column)
@@ -141,17 +147,7 @@ def moco_v3_checkpoint(
     ones); a file with the base encoder only (an official one converted back) has neither. A
     ViT's tensors take timm's names, which vits.py's model has."""
     base = _as_torchvision(encoder.state_dict(), SLOTS[arch])
-    momentum = {
-        k[len("momentum_encoder.") :]: v.detach().contiguous()
-        for k, v in state_dict.items()
-        if k.startswith("momentum_encoder.")
-    }
-    if momentum:
-        problem = state_dict_mismatch(base, momentum)
-        if problem:
-            raise DataError(
-                f"{path}: the momentum_encoder does not fit the base_encoder ({problem})"
-            )
+    momentum = _key_encoder(state_dict, "momentum_encoder.", base, path, "base_encoder")
     if arch in VITS:  # every name is the network's (checked above), so each has a timm name
         base, momentum = ({timm_name(k): v for k, v in part.items()} for part in (base, momentum))
     out = {f"module.base_encoder.{k}": v for k, v in base.items()}
