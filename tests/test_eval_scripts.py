@@ -91,6 +91,38 @@ def test_knn_eval_on_a_checkpoint(checkpoint, tmp_path):
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # train and test features cached
 
 
+def test_knn_eval_draws_the_neighbours_picture_from_features_and_pixels(checkpoint, tmp_path):
+    picture = [
+        "knn.picture.queries=3",
+        "knn.picture.neighbours=4",
+        "knn.ks=[10]",
+        "knn.report.k=10",
+    ]
+    cache = tmp_path / "cache"
+    out, proc = run(
+        "knn_eval",
+        tmp_path,
+        f"checkpoint={checkpoint}",
+        *DATA,
+        *picture,
+        f"features.cache_dir={cache}",
+    )
+    assert (out / "neighbours.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Nearest-neighbour picture" in proc.stdout
+    # the checkpoint's train and test features, and the raw pixels of the training images
+    assert len(list(cache.glob("*.pt"))) == 3
+    raw, _ = run(
+        "knn_eval",
+        tmp_path / "raw",
+        "checkpoint=raw",
+        *DATA,
+        *picture,
+        f"features.cache_dir={cache}",
+    )
+    assert (raw / "neighbours.png").is_file()
+    assert len(list(cache.glob("*.pt"))) == 4  # the raw train features were shared: + raw test
+
+
 def test_linear_probe_with_augmentation_keeps_the_checkpoint_frozen(checkpoint, tmp_path):
     out, proc = run(
         "linear_probe",
@@ -164,6 +196,7 @@ def test_user_mistake_is_one_line_exit_2_and_leaves_no_run_dir(tmp_path):
     [
         ("knn", "knn.ks=[0,5]", "knn.ks"),
         ("knn", "knn.report.k=7", "knn.report"),
+        ("knn", "knn.picture.neighbours=0", "knn.picture"),
         ("knn", "features.layer=neck", "features.layer"),
         ("probe", "probe.normalize=zscore", "probe.normalize"),
         ("compare", "optimizers.sgd.lr=0", "optimizer sgd"),

@@ -289,6 +289,11 @@ def check_eval(cfg: DictConfig) -> None:
             knn.report.k in knn.ks and knn.report.temperature in knn.temperatures,
             "knn.report.k and knn.report.temperature must be among knn.ks and knn.temperatures",
         )
+        require(
+            knn.picture.queries >= 0 and knn.picture.neighbours >= 1,
+            f"knn.picture.queries={knn.picture.queries} must be >= 0 (0: no picture) and "
+            f"knn.picture.neighbours={knn.picture.neighbours} >= 1",
+        )
     if "probe" in cfg:
         p = cfg.probe
         require(p.epochs >= 1, f"probe.epochs={p.epochs} must be >= 1")

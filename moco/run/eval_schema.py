@@ -51,10 +51,17 @@ class KnnReportConfig:
 
 
 @dataclass
+class NeighboursPictureConfig:
+    queries: int = MISSING
+    neighbours: int = MISSING
+
+
+@dataclass
 class KnnSweepConfig:
     ks: list[int] = MISSING
     temperatures: list[float] = MISSING
     report: KnnReportConfig = MISSING
+    picture: NeighboursPictureConfig = MISSING
 
 
 @dataclass

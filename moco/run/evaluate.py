@@ -20,6 +20,7 @@ from moco.eval.features import (
     extract_features,
 )
 from moco.eval.knn import knn_sweep
+from moco.eval.neighbours import nearest, plot_neighbours, query_indices
 from moco.eval.probe import (
     assert_unchanged,
     cached_batches,
@@ -30,7 +31,7 @@ from moco.eval.probe import (
     weights_snapshot,
 )
 from moco.eval.report import knn_table, plot_loss_curves, rows_table, write_csv, write_json
-from moco.eval.source import RANDOM, EvalEncoder, load_encoder, random_spec_for
+from moco.eval.source import RANDOM, RAW, EvalEncoder, load_encoder, random_spec_for
 from moco.run.check import check_eval, optimizers, require
 from moco.run.experiments import experiment_encoder_spec
 
@@ -46,6 +47,7 @@ class Prepared:
     train: tuple[torch.Tensor, torch.Tensor]  # features N x D, labels N
     test: tuple[torch.Tensor, torch.Tensor]
     seconds: float  # feature extraction (or cache read)
+    datasets: dict  # "train" and "test": the un-augmented images the features came from
 
 
 def _device(name: str) -> torch.device:
@@ -68,15 +70,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     datasets = {s: eval_dataset(data_cfg, s, f[f"{s}_limit"], f.seed) for s in ("train", "test")}
     start, out = time.perf_counter(), {}
     for split, dataset in datasets.items():
-
-        def extract(dataset=dataset, split=split):
-            desc = f"features ({split})" if f.progress else None
-            return extract_features(
-                model, dataset, f.batch_size, data_cfg.num_workers, device, desc=desc
-            )
-
-        key = cache_key(loaded.source, f.layer, data_cfg, split, f[f"{split}_limit"])
-        out[split] = cached_features(f.cache_dir, key, extract)
+        out[split] = _split_features(cfg, loaded.source, model, data_cfg, split, dataset, device)
         top = int(out[split][1].max())
         require(
             top < data_cfg.num_classes,
@@ -84,7 +78,21 @@ def prepare(cfg: DictConfig) -> Prepared:
             "set data.num_classes",
         )
     seconds = time.perf_counter() - start
-    return Prepared(loaded, model, snapshot, out["train"], out["test"], seconds)
+    return Prepared(loaded, model, snapshot, out["train"], out["test"], seconds, datasets)
+
+
+def _split_features(cfg, source, model, data_cfg, split, dataset, device="cpu"):
+    """The features of one split through ``model``, from the cache when it holds them."""
+    f = cfg.features
+
+    def extract():
+        desc = f"features ({split})" if f.progress else None
+        return extract_features(
+            model, dataset, f.batch_size, data_cfg.num_workers, device, desc=desc
+        )
+
+    key = cache_key(source, model.layer, data_cfg, split, f[f"{split}_limit"])
+    return cached_features(f.cache_dir, key, extract)
 
 
 def _describe(cfg: DictConfig, prep: Prepared) -> dict:
@@ -122,6 +130,7 @@ def run_knn(cfg: DictConfig, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "knn.csv", summary["results"])
     write_json(out_dir / "knn.json", summary)
+    picture = _neighbours_picture(cfg, prep, out_dir / "neighbours.png")
     print(
         f"kNN top-1 (%) of {summary['checkpoint']} on {cfg.data.name} "
         f"({summary['num_train']} bank, {summary['num_test']} test, "
@@ -133,7 +142,28 @@ def run_knn(cfg: DictConfig, out_dir: Path) -> dict:
         f"best: k={best[0]}, T={best[1]:g}: {results[best]:.2f}%   "
         f"sweep {sweep_seconds:.2f} s, features {prep.seconds:.1f} s"
     )
+    if picture:
+        print(f"Nearest-neighbour picture: {picture}")
     return summary
+
+
+def _neighbours_picture(cfg: DictConfig, prep: Prepared, path: Path) -> Path | None:
+    """With knn.picture.queries > 0: the nearest training images of a few test images, by these
+    features and by raw pixels (moco/eval/neighbours.py)."""
+    picture = cfg.knn.picture
+    if picture.queries <= 0:
+        return None
+    queries = query_indices(prep.test[1], picture.queries, cfg.features.seed)
+    blocks = {"features": nearest(prep.train[0], prep.test[0][queries], picture.neighbours)}
+    if prep.loaded.encoder is not None:  # raw pixels against themselves say nothing new
+        pixels, data_cfg = FrozenFeatures(None), prep.loaded.data_cfg
+        train_set, test_set = prep.datasets["train"], prep.datasets["test"]
+        bank = _split_features(cfg, RAW, pixels, data_cfg, "train", train_set)[0]
+        asked = torch.stack([test_set[q][0].flatten() for q in queries])
+        blocks["raw pixels"] = nearest(bank, asked, picture.neighbours)
+    title = f"{cfg.data.name}: nearest training images of {prep.loaded.info['checkpoint']}"
+    plot_neighbours(path, prep.datasets["test"], prep.datasets["train"], queries, blocks, title)
+    return path
 
 
 # ---------------------------------------------------------------------------- linear probe
