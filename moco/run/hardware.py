@@ -6,24 +6,32 @@ from moco.encoders import SMALL_IMAGE_MAX_SIZE, resolve_stem
 from moco.errors import ConfigError
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has bf16 matrix instructions (AMX or AVX512-BF16).
-
-    Without them bf16 autocast is emulated and far slower than fp32 (docs/speed.md).
-    """
+def cpu_bf16_kind() -> str | None:
+    """``amx`` (AMX tiles), ``avx512_bf16`` (bf16 dot products in AVX-512 only) or None (bf16
+    emulated, far slower than fp32: docs/speed.md)."""
     cpu = torch.cpu
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in checks)
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "amx"
+    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "avx512_bf16"
+    return None
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has bf16 matrix instructions (AMX or AVX512-BF16)."""
+    return cpu_bf16_kind() is not None
 
 
 def resolve_precision(
     precision: str | int, accelerator: str, stem: str = "auto", image_size: int = 224
 ) -> str:
-    """``auto`` -> bf16-mixed where the hardware runs it fast, 16-mixed on older GPUs, else 32.
+    """``auto`` -> the fastest measured choice: bf16-mixed where the hardware runs it fast,
+    16-mixed on older GPUs, else 32.
 
-    On a CPU, bf16 also needs convolutions big enough to pay for the casts around them: the
-    ImageNet stem on images of at most SMALL_IMAGE_MAX_SIZE px leaves maps of 16x16 and less,
-    where bf16 autocast ran slower than fp32 even with AMX (docs/speed.md).
+    One exception on CPUs, measured (docs/speed.md): with AMX, the ImageNet stem on images of at
+    most SMALL_IMAGE_MAX_SIZE px (maps of 16x16 and less) ran slower in bf16 than in fp32, the
+    casts around each small convolution costing more than AMX saves. With AVX512-BF16 alone the
+    same model ran faster in bf16, as every other stem does on both kinds.
     """
     if str(precision) != "auto":
         return str(precision)
@@ -33,10 +41,13 @@ def resolve_precision(
     if uses_cuda:
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     if accelerator in ("cpu", "auto"):
+        kind = cpu_bf16_kind()
         tiny_maps = (
             resolve_stem(stem, image_size) == "imagenet" and image_size <= SMALL_IMAGE_MAX_SIZE
         )
-        return "bf16-mixed" if cpu_has_fast_bf16() and not tiny_maps else "32-true"
+        if kind == "amx" and tiny_maps:
+            return "32-true"
+        return "bf16-mixed" if kind is not None else "32-true"
     return "32-true"
 
 
