@@ -19,6 +19,8 @@ from moco.data.batch_augment import (
     adjust_saturation,
     crop_boxes,
     crop_resize_flip,
+    erase,
+    erase_boxes,
     gaussian_blur,
     solarize,
     two_views,
@@ -121,6 +123,52 @@ def test_crop_boxes_fall_back_to_the_centred_image_when_no_try_fits():
     assert (boxes[:, 0] == (20 - h) // 2).all() and (boxes[:, 1] == (40 - w) // 2).all()
 
 
+def test_erase_boxes_follow_torchvisions_distribution():
+    torch.manual_seed(0)
+    n, scale, ratio = 20000, (0.02, 0.33), (0.3, 3.3)
+    boxes = erase_boxes(n, 28, 28, scale, ratio)
+    top, left, h, w = boxes.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= 28).all() and (left + w <= 28).all()
+    assert (boxes == boxes.round()).all()
+    reference = v2.RandomErasing(1.0, scale, ratio, value=0)
+    image = torch.zeros(1, 28, 28)
+    theirs = []
+    for _ in range(n):
+        params = reference.make_params([image])
+        found = params["v"] is not None
+        theirs.append([params["i"], params["j"], params["h"] * found, params["w"] * found])
+    theirs = torch.tensor(theirs, dtype=torch.float32)
+    grid = torch.linspace(0, 1.0, 201)
+    # Two-sample Kolmogorov-Smirnov distance of the erased fraction, the top row and the height
+    # (about 2x its 1% critical value for 20000 samples each).
+    for ours_v, theirs_v, top_v in (
+        (h * w, theirs[:, 2] * theirs[:, 3], 784),
+        (top, theirs[:, 0], 28),
+        (h, theirs[:, 2], 28),
+    ):
+        a, b = (ours_v / top_v).sort().values, (theirs_v / top_v).sort().values
+        cdf = lambda v: torch.searchsorted(v, grid, right=True) / n  # noqa: E731
+        assert (cdf(a) - cdf(b)).abs().max() < 0.02
+
+
+def test_erase_boxes_erase_nothing_when_no_try_fits():
+    torch.manual_seed(0)
+    boxes = erase_boxes(50, 8, 8, scale=(0.99, 1.0), ratio=(1.0, 1.0))  # 8 x 8 never fits
+    assert (boxes[:, 2:] == 0).all()
+    images = torch.randn(50, 1, 8, 8)
+    assert torch.equal(erase(images, boxes, torch.ones(50, dtype=torch.bool)), images)
+
+
+def test_erase_equals_torchvision_erase_for_the_chosen_images():
+    images = torch.randn(len(BOXES), 3, 20, 20)
+    chosen = torch.tensor([True, True, False, True, True, True])
+    out = erase(images, BOXES, chosen)
+    for i, (top, left, h, w) in enumerate(BOXES.int().tolist()):
+        expected = TF.erase(images[i], top, left, h, w, torch.zeros(1)) if chosen[i] else images[i]
+        torch.testing.assert_close(out[i], expected, atol=0, rtol=0)
+
+
 def _grey_cfg(compose, *extra):
     grey = ["data=synthetic", "data.image_size=16", "data.channels=1"]
     cfg = compose(grey)
@@ -145,7 +193,11 @@ def test_jitter_applies_brightness_and_contrast_in_a_random_order_per_image(comp
     assert 10 < int(first.sum()) < 54  # both orders occur
 
 
-@pytest.mark.parametrize("extra", [[], ["augment.solarize_p=0.5"]], ids=["v2", "solarize"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["augment.solarize_p=0.5"], ["augment.erase.p=0.5"]],
+    ids=["v2", "solarize", "erase"],
+)
 def test_batched_views_match_the_per_image_pipeline_in_distribution(compose, extra):
     """The mean and spread of the views over many draws of one image agree with torchvision's
     per-image pipeline: same ops, same parameter distributions."""
@@ -223,18 +275,21 @@ def test_the_datamodule_makes_the_second_view_after_its_own_recipe(tiny_cfg, bat
         assert solarizers == [[], [1.0]]
 
 
-def test_a_recipe_without_solarisation_draws_what_it_drew_before(compose):
-    """Solarisation's draw is made only when a view uses it, so the random stream of the v1/v2
-    recipes, and with it every seeded run recorded before, stays as it was."""
+@pytest.mark.parametrize(
+    "op,override", [("solarize", "augment.solarize_p=0.5"), ("erase", "augment.erase.p=0.5")]
+)
+def test_a_recipe_without_solarisation_or_erasing_draws_what_it_drew_before(compose, op, override):
+    """Solarisation's and erasing's draws are made only when a view uses them, so the random
+    stream of the v1/v2 recipes, and with it every seeded run recorded before, stays as it was."""
     cfg = compose(["data=synthetic", "data.image_size=16"])
     torch.manual_seed(0)
     params = BatchAugment(cfg.augment, cfg.data).draw(4, 16, 16)
     after = torch.rand(1)
-    assert "solarize" not in params
-    solarizing = BatchAugment(with_values(cfg, "augment.solarize_p=0.5").augment, cfg.data)
+    assert op not in params
+    using = BatchAugment(with_values(cfg, override).augment, cfg.data)
     torch.manual_seed(0)
-    solarizing.draw(4, 16, 16)
-    assert not torch.equal(torch.rand(1), after)  # one draw more: the check above can fail
+    assert op in using.draw(4, 16, 16)
+    assert not torch.equal(torch.rand(1), after)  # more draws: the check above can fail
 
 
 def test_each_rank_takes_its_slice_of_the_global_batchs_parameters(compose):

@@ -148,6 +148,9 @@ def assert_rejected(make_cfg, *fragments: str) -> str:
         (["model.momentum_schedule=linear"], ["model.momentum_schedule"]),
         (["augment.batched=sometimes"], ["augment.batched='sometimes'", "auto, true or false"]),
         (["augment.solarize_p=1.5"], ["augment.solarize_p=1.5", "[0, 1]"]),
+        (["augment.erase.p=2"], ["augment.erase.p=2", "[0, 1]"]),
+        (["augment.erase.scale=[0.3,0.1]"], ["augment.erase.scale", "low <= high"]),
+        (["augment.second_view.erase.ratio=[0,1]"], ["augment.second_view.erase.ratio"]),
         (["augment.second_view=0.2"], ["ViewChanges", "0.2"]),
         (["augment.second_view={batched: false}"], ["augment.second_view.batched"]),
         (["augment.second_view={blur: {size: 3}}"], ["augment.second_view.blur.size"]),
@@ -309,6 +312,10 @@ INTENDED = {
     **{(name, "trainer.precision"): ("32", "auto") for name in FASHION_MNIST_EXPERIMENTS},
     # Recipe values added later, at defaults that change nothing (MoCo v3's views).
     **{(name, "augment.solarize_p"): ("<absent>", "0.0") for name in BEFORE},
+    # Random erasing, added later, off.
+    **{(name, "augment.erase.p"): ("<absent>", "0.0") for name in BEFORE},
+    **{(name, "augment.erase.scale"): ("<absent>", "[0.02, 0.33]") for name in BEFORE},
+    **{(name, "augment.erase.ratio"): ("<absent>", "[0.3, 3.3]") for name in BEFORE},
     **{
         (name, f"augment.second_view.{key}"): ("<absent>", "None")
         for name in BEFORE

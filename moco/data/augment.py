@@ -7,6 +7,9 @@ size and channel count, and the rules below drop what makes no sense for the dat
 - Gaussian blur is left out below ``blur_min_size`` px: on 28-32 px images a blur kernel of ~10%
   of the side erases most of the detail (SimCLR and the MoCo CIFAR demo skip it too).
 
+Random erasing (``erase``, off in the papers' recipes) comes last, after normalisation, so that an
+erased rectangle holds the data set's mean.
+
 Both views follow one recipe unless ``augment.second_view`` changes some of its values for the
 second: MoCo v3's views are asymmetric (BYOL's recipe: blur always on the first, rarely on the
 second, solarisation on the second only).
@@ -54,6 +57,7 @@ def probabilities(aug_cfg) -> dict[str, float]:
         "blur.p": aug_cfg.blur.p,
         "solarize_p": aug_cfg.solarize_p,
         "flip_p": aug_cfg.flip_p,
+        "erase.p": aug_cfg.erase.p,
     }
 
 
@@ -114,7 +118,11 @@ def pretrain_transform(aug_cfg, data_cfg) -> v2.Compose:
         ops.append(v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD_8BIT, p=aug_cfg.solarize_p))
     if aug_cfg.flip_p > 0:
         ops.append(v2.RandomHorizontalFlip(p=aug_cfg.flip_p))
-    return v2.Compose(ops + _normalize(data_cfg))
+    ops += _normalize(data_cfg)
+    if aug_cfg.erase.p > 0:  # after normalisation: the erased pixels get the data set's mean
+        erase = aug_cfg.erase
+        ops.append(v2.RandomErasing(erase.p, tuple(erase.scale), tuple(erase.ratio), value=0))
+    return v2.Compose(ops)
 
 
 def eval_transform(data_cfg) -> v2.Compose:

@@ -8,8 +8,8 @@ arithmetic, on the device that trains.
 
 Same operations, order and parameters as the per-image pipeline: random resized crop, colour
 jitter (its four parts in a random order per image), random grayscale, Gaussian blur,
-solarisation, horizontal flip, normalisation. Two differences, both below the 8-bit resolution
-of the data:
+solarisation, horizontal flip, normalisation, random erasing. Two differences, both below the
+8-bit resolution of the data:
 - values stay in float from start to end, where torchvision rounds to uint8 after the crop and
   after each jitter step;
 - the flip is folded into the crop's resampling (mirrored sampling positions), which is exact
@@ -175,6 +175,36 @@ def gaussian_blur(images: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -
     return flat.reshape(n, channels, height, width)
 
 
+# ----------------------------------------------------------------------------- erasing
+def erase_boxes(n: int, height: int, width: int, scale, ratio) -> torch.Tensor:
+    """Rectangles (n x 4: top, left, h, w) drawn as torchvision's RandomErasing.get_params: area
+    fraction uniform in ``scale``, log aspect ratio uniform, the first of 10 tries that fits
+    strictly inside the image; h = w = 0 (nothing erased) where none fits."""
+    target = height * width * torch.empty(n, CROP_ATTEMPTS).uniform_(scale[0], scale[1])
+    aspect = torch.exp(
+        torch.empty(n, CROP_ATTEMPTS).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    )
+    h = torch.round(torch.sqrt(target * aspect))
+    w = torch.round(torch.sqrt(target / aspect))
+    fits = (h < height) & (w < width)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)
+    found = fits.any(dim=1)
+    h = torch.where(found, h.gather(1, first).squeeze(1), 0.0)
+    w = torch.where(found, w.gather(1, first).squeeze(1), 0.0)
+    top = torch.floor(torch.rand(n) * (height - h + 1))
+    left = torch.floor(torch.rand(n) * (width - w + 1))
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def erase(images: torch.Tensor, boxes: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """``images`` with the box of each chosen image set to 0 (all channels)."""
+    rows = torch.arange(images.shape[-2], device=images.device)[None, :, None]
+    cols = torch.arange(images.shape[-1], device=images.device)[None, None, :]
+    top, left, h, w = (v[:, None, None] for v in boxes.unbind(1))
+    inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+    return images.masked_fill((inside & chosen[:, None, None])[:, None], 0.0)
+
+
 def solarize(images: torch.Tensor) -> torch.Tensor:
     """Values in [0, 1] at or above SOLARIZE_THRESHOLD inverted, as torchvision's solarize."""
     return torch.where(images >= SOLARIZE_THRESHOLD, 1 - images, images)
@@ -197,6 +227,7 @@ class BatchAugment:
         self.blur_sigma = tuple(aug_cfg.blur.sigma)
         self.solarize_p = aug_cfg.solarize_p
         self.flip_p = aug_cfg.flip_p
+        self.erase = aug_cfg.erase
         mean, std = mean_and_std(data_cfg)
         self.mean = torch.tensor(mean)[None, :, None, None]
         self.std = torch.tensor(std)[None, :, None, None]
@@ -230,6 +261,11 @@ class BatchAugment:
         }
         if self.solarize_p > 0:  # drawn only when used: recipes without it keep their stream
             params["solarize"] = torch.rand(n) < self.solarize_p
+        if self.erase.p > 0:  # the same
+            params["erase"] = torch.rand(n) < self.erase.p
+            params["erase_box"] = erase_boxes(
+                n, self.size, self.size, self.erase.scale, self.erase.ratio
+            )
         return params
 
     def apply(self, images: torch.Tensor, p: dict) -> torch.Tensor:
@@ -245,7 +281,10 @@ class BatchAugment:
             x = torch.where(p["blur"][:, None, None, None], blurred, x)
         if self.solarize_p > 0:
             x = torch.where(p["solarize"][:, None, None, None], solarize(x), x)
-        return (x - self.mean.to(x)) / self.std.to(x)
+        x = (x - self.mean.to(x)) / self.std.to(x)
+        if self.erase.p > 0:
+            x = erase(x, p["erase_box"], p["erase"])
+        return x
 
     def _jitter(self, x: torch.Tensor, p: dict) -> torch.Tensor:
         s = self.strengths

@@ -177,8 +177,21 @@ def _check_augment(augment: DictConfig) -> None:
         f"augment.batched={show(batched)} is unknown: use auto, true or false",
     )
     first, second = view_recipes(augment)
-    _check_probabilities("augment", first)
-    _check_probabilities("augment.second_view", second)
+    for where, recipe in (("augment", first), ("augment.second_view", second)):
+        _check_probabilities(where, recipe)
+        _check_erase(where, recipe.erase)
+
+
+def _check_erase(where: str, erase: DictConfig) -> None:
+    scale, ratio = list(erase.scale), list(erase.ratio)
+    require(
+        len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+        f"{where}.erase.scale={scale} must be [low, high], 0 < low <= high <= 1 (area fractions)",
+    )
+    require(
+        len(ratio) == 2 and 0 < ratio[0] <= ratio[1],
+        f"{where}.erase.ratio={ratio} must be [low, high] with 0 < low <= high (aspect ratio)",
+    )
 
 
 def _check_probabilities(where: str, recipe: DictConfig) -> None:
@@ -299,6 +312,7 @@ def check_eval(cfg: DictConfig) -> None:
         require(p.epochs >= 1, f"probe.epochs={p.epochs} must be >= 1")
         require(p.batch_size >= 1, f"probe.batch_size={p.batch_size} must be >= 1")
         _check_probabilities("probe.augmentation", p.augmentation)
+        _check_erase("probe.augmentation", p.augmentation.erase)
         for name, opt in optimizers(cfg).items():
             try:
                 lr = opt.lr

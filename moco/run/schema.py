@@ -88,6 +88,16 @@ class BlurConfig:
 
 
 @dataclass
+class EraseConfig:
+    """torchvision's RandomErasing: a rectangle of ``scale`` of the area, aspect ratio in
+    ``ratio``, set to the data set's mean (0 after normalisation), with probability ``p``."""
+
+    p: float = 0.0
+    scale: list[float] = field(default_factory=lambda: [0.02, 0.33])
+    ratio: list[float] = field(default_factory=lambda: [0.3, 3.3])
+
+
+@dataclass
 class ViewConfig:
     """One view's recipe (moco/data/augment.py); the probe's augmentation is one too."""
 
@@ -97,6 +107,7 @@ class ViewConfig:
     blur: BlurConfig = field(default_factory=BlurConfig)
     solarize_p: float = 0.0
     flip_p: float = MISSING
+    erase: EraseConfig = field(default_factory=EraseConfig)
 
 
 # The values the second view may set for itself: ViewConfig's, each None (the first view's) by
@@ -118,6 +129,13 @@ class BlurChanges:
 
 
 @dataclass
+class EraseChanges:
+    p: float | None = None
+    scale: list[float] | None = None
+    ratio: list[float] | None = None
+
+
+@dataclass
 class ViewChanges:
     crop_scale: list[float] | None = None
     color_jitter: ColorJitterChanges = field(default_factory=ColorJitterChanges)
@@ -125,6 +143,7 @@ class ViewChanges:
     blur: BlurChanges = field(default_factory=BlurChanges)
     solarize_p: float | None = None
     flip_p: float | None = None
+    erase: EraseChanges = field(default_factory=EraseChanges)
 
 
 @dataclass
