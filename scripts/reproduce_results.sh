@@ -67,8 +67,13 @@ main() {  # in a function, so bash parses the whole script before running it: an
         fi
     done
 
+    # The nearest-neighbour picture of the default experiment (cached features: seconds).
+    "$PY" scripts/knn_eval.py checkpoint="$OUT/moco_v2/checkpoints/last.ckpt" \
+        knn.picture.queries=10 hydra.run.dir="$OUT/neighbours_moco_v2"
+
     "$PY" scripts/results_table.py "$OUT" --figure docs/figures/knn_per_epoch.png
     cp "$OUT/compare_moco_v2/loss_curves.png" docs/figures/probe_optimizers_moco_v2.png
+    cp "$OUT/neighbours_moco_v2/neighbours.png" docs/figures/neighbours_moco_v2.png
     echo "Figures in docs/figures/; table in $OUT/results.md"
 }
 

@@ -88,7 +88,7 @@ def plot_neighbours(
             f"nearest by {name} ({share:.0%} same class)", fontsize=8
         )
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(pad=0.3)
+    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

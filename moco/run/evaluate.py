@@ -161,7 +161,9 @@ def _neighbours_picture(cfg: DictConfig, prep: Prepared, path: Path) -> Path | N
         bank = _split_features(cfg, RAW, pixels, data_cfg, "train", train_set)[0]
         asked = torch.stack([test_set[q][0].flatten() for q in queries])
         blocks["raw pixels"] = nearest(bank, asked, picture.neighbours)
-    title = f"{cfg.data.name}: nearest training images of {prep.loaded.info['checkpoint']}"
+    source = Path(str(prep.loaded.info["checkpoint"]))
+    name = "/".join(source.parts[-3:])  # run/checkpoints/last.ckpt: enough to tell runs apart
+    title = f"{cfg.data.name}: nearest training images, {name}"
     plot_neighbours(path, prep.datasets["test"], prep.datasets["train"], queries, blocks, title)
     return path
 
