@@ -240,7 +240,7 @@ FASHION_MNIST_EXPERIMENTS = ("moco_v1", "moco_v2", "supervised")
 ON_THE_RECIPE = (*FASHION_MNIST_EXPERIMENTS, "moco_v3_fashion_mnist")
 # Recipe values an experiment sets for itself, in its own file: a v3 step costs twice a v2 step,
 # so fewer epochs fill the hour (docs/results.md).
-# MoCo v2's crops and schedule were tuned again for itself (docs/results.md).
+# MoCo v2's crops were tuned again for itself (docs/results.md).
 OWN_VALUES = {
     "moco_v3_fashion_mnist": {"trainer.max_epochs": 4},
     "moco_v2": {"augment.crop_scale": [0.7, 1.0]},
