@@ -17,6 +17,8 @@ from moco.data.batch_augment import (
     adjust_contrast,
     adjust_hue,
     adjust_saturation,
+    affine,
+    affine_params,
     crop_boxes,
     crop_resize_flip,
     erase,
@@ -169,6 +171,50 @@ def test_erase_equals_torchvision_erase_for_the_chosen_images():
         torch.testing.assert_close(out[i], expected, atol=0, rtol=0)
 
 
+def test_affine_equals_torchvision_affine_per_image():
+    torch.manual_seed(0)
+    images = torch.rand(5, 2, 20, 17)  # not square: the x and y scales differ
+    angle = torch.tensor([0.0, 10.0, -7.5, 45.0, 90.0])
+    shift = torch.tensor([[0.0, 0.0], [1, -2], [3, 0], [-1, 1], [0, 0]])
+    zoom = torch.tensor([1.0, 0.9, 1.1, 1.3, 0.7])
+    out = affine(images, angle, shift, zoom)
+    for i in range(len(images)):
+        expected = TF.affine(
+            images[i],
+            angle=float(angle[i]),
+            translate=shift[i].tolist(),
+            scale=float(zoom[i]),
+            shear=[0.0, 0.0],
+            interpolation=v2.InterpolationMode.BILINEAR,
+            fill=0,
+        )
+        torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=0)
+    # The opposite rotation is another image: the comparison above can fail.
+    assert (affine(images, -angle, shift, zoom)[1] - out[1]).abs().max() > 0.1
+
+
+def test_affine_params_follow_torchvisions_distribution():
+    torch.manual_seed(0)
+    n, degrees, translate, scale = 20000, 10.0, 0.1, (0.9, 1.1)
+    ours = affine_params(n, 28, degrees, translate, scale)
+    assert (ours["shift"] == ours["shift"].round()).all()
+    reference = v2.RandomAffine(degrees, translate=(translate, translate), scale=scale)
+    image = torch.zeros(1, 28, 28)
+    theirs = [reference.make_params([image]) for _ in range(n)]
+    grid = torch.linspace(0, 1.0, 201)
+    for mine, their_values, low, high in (
+        (ours["angle"], [p["angle"] for p in theirs], -degrees, degrees),
+        (ours["shift"][:, 0], [p["translate"][0] for p in theirs], -3, 3),
+        (ours["shift"][:, 1], [p["translate"][1] for p in theirs], -3, 3),
+        (ours["zoom"], [p["scale"] for p in theirs], *scale),
+    ):
+        # Two-sample Kolmogorov-Smirnov distance, on values mapped to [0, 1].
+        a = ((mine - low) / (high - low)).sort().values
+        b = ((torch.tensor(their_values, dtype=torch.float32) - low) / (high - low)).sort().values
+        cdf = lambda v: torch.searchsorted(v, grid, right=True) / n  # noqa: E731
+        assert (cdf(a) - cdf(b)).abs().max() < 0.02
+
+
 def _grey_cfg(compose, *extra):
     grey = ["data=synthetic", "data.image_size=16", "data.channels=1"]
     cfg = compose(grey)
@@ -195,8 +241,18 @@ def test_jitter_applies_brightness_and_contrast_in_a_random_order_per_image(comp
 
 @pytest.mark.parametrize(
     "extra",
-    [[], ["augment.solarize_p=0.5"], ["augment.erase.p=0.5"]],
-    ids=["v2", "solarize", "erase"],
+    [
+        [],
+        ["augment.solarize_p=0.5"],
+        ["augment.erase.p=0.5"],
+        [
+            "augment.affine.p=0.7",
+            "augment.affine.degrees=20",
+            "augment.affine.translate=0.1",
+            "augment.affine.scale=[0.8,1.2]",
+        ],
+    ],
+    ids=["v2", "solarize", "erase", "affine"],
 )
 def test_batched_views_match_the_per_image_pipeline_in_distribution(compose, extra):
     """The mean and spread of the views over many draws of one image agree with torchvision's
@@ -276,10 +332,16 @@ def test_the_datamodule_makes_the_second_view_after_its_own_recipe(tiny_cfg, bat
 
 
 @pytest.mark.parametrize(
-    "op,override", [("solarize", "augment.solarize_p=0.5"), ("erase", "augment.erase.p=0.5")]
+    "op,override",
+    [
+        ("solarize", "augment.solarize_p=0.5"),
+        ("erase", "augment.erase.p=0.5"),
+        ("affine", "augment.affine.p=0.5"),
+    ],
 )
-def test_a_recipe_without_solarisation_or_erasing_draws_what_it_drew_before(compose, op, override):
-    """Solarisation's and erasing's draws are made only when a view uses them, so the random
+def test_a_recipe_without_an_added_op_draws_what_it_drew_before(compose, op, override):
+    """Solarisation's, erasing's and the affine move's draws are made only when a view uses
+    them, so the random
     stream of the v1/v2 recipes, and with it every seeded run recorded before, stays as it was."""
     cfg = compose(["data=synthetic", "data.image_size=16"])
     torch.manual_seed(0)

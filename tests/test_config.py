@@ -151,6 +151,10 @@ def assert_rejected(make_cfg, *fragments: str) -> str:
         (["augment.erase.p=2"], ["augment.erase.p=2", "[0, 1]"]),
         (["augment.erase.scale=[0.3,0.1]"], ["augment.erase.scale", "low <= high"]),
         (["augment.second_view.erase.ratio=[0,1]"], ["augment.second_view.erase.ratio"]),
+        (["augment.affine.p=1.5"], ["augment.affine.p=1.5", "[0, 1]"]),
+        (["augment.affine.degrees=-5"], ["augment.affine.degrees=-5", "[0, 180]"]),
+        (["augment.affine.translate=2"], ["augment.affine.translate=2", "[0, 1]"]),
+        (["augment.second_view.affine.scale=[1.2,0.9]"], ["augment.second_view.affine.scale"]),
         (["augment.second_view=0.2"], ["ViewChanges", "0.2"]),
         (["augment.second_view={batched: false}"], ["augment.second_view.batched"]),
         (["augment.second_view={blur: {size: 3}}"], ["augment.second_view.blur.size"]),
@@ -320,6 +324,11 @@ INTENDED = {
     **{(name, "augment.erase.p"): ("<absent>", "0.0") for name in BEFORE},
     **{(name, "augment.erase.scale"): ("<absent>", "[0.02, 0.33]") for name in BEFORE},
     **{(name, "augment.erase.ratio"): ("<absent>", "[0.3, 3.3]") for name in BEFORE},
+    # Small affine moves, added later, off.
+    **{(name, "augment.affine.p"): ("<absent>", "0.0") for name in BEFORE},
+    **{(name, "augment.affine.degrees"): ("<absent>", "0.0") for name in BEFORE},
+    **{(name, "augment.affine.translate"): ("<absent>", "0.0") for name in BEFORE},
+    **{(name, "augment.affine.scale"): ("<absent>", "[1.0, 1.0]") for name in BEFORE},
     # MoCo v2 tuned again (docs/results.md): 4x the lr with a warm-up epoch, mild crops with
     # erasing.
     ("moco_v2", "augment.crop_scale"): ("[0.4, 1.0]", "[0.7, 1.0]"),

@@ -7,8 +7,9 @@ size and channel count, and the rules below drop what makes no sense for the dat
 - Gaussian blur is left out below ``blur_min_size`` px: on 28-32 px images a blur kernel of ~10%
   of the side erases most of the detail (SimCLR and the MoCo CIFAR demo skip it too).
 
-Random erasing (``erase``, off in the papers' recipes) comes last, after normalisation, so that an
-erased rectangle holds the data set's mean.
+Two operations are off in the papers' recipes: small affine moves (``affine``: rotation, shift,
+zoom) right after the crop, and random erasing (``erase``), which comes last, after
+normalisation, so that an erased rectangle holds the data set's mean.
 
 Both views follow one recipe unless ``augment.second_view`` changes some of its values for the
 second: MoCo v3's views are asymmetric (BYOL's recipe: blur always on the first, rarely on the
@@ -58,6 +59,7 @@ def probabilities(aug_cfg) -> dict[str, float]:
         "solarize_p": aug_cfg.solarize_p,
         "flip_p": aug_cfg.flip_p,
         "erase.p": aug_cfg.erase.p,
+        "affine.p": aug_cfg.affine.p,
     }
 
 
@@ -93,6 +95,19 @@ def colour_strengths(aug_cfg, channels: int) -> tuple[dict[str, float], float]:
     return strengths, grayscale_p
 
 
+def random_affine(affine) -> v2.RandomAffine:
+    """torchvision's RandomAffine for the recipe's ``affine`` values: no shear, bilinear, the
+    uncovered border black."""
+    shift = affine.translate
+    return v2.RandomAffine(
+        affine.degrees,
+        translate=(shift, shift) if shift > 0 else None,
+        scale=tuple(affine.scale),
+        interpolation=v2.InterpolationMode.BILINEAR,
+        fill=0,
+    )
+
+
 def _normalize(data_cfg) -> list:
     mean, std = mean_and_std(data_cfg)
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
@@ -102,6 +117,8 @@ def pretrain_transform(aug_cfg, data_cfg) -> v2.Compose:
     """One random view of a uint8 image tensor (C x H x W) for contrastive pretraining."""
     size = data_cfg.image_size
     ops = [v2.RandomResizedCrop(size, scale=tuple(aug_cfg.crop_scale), antialias=True)]
+    if aug_cfg.affine.p > 0:
+        ops.append(v2.RandomApply([random_affine(aug_cfg.affine)], p=aug_cfg.affine.p))
     strengths, grayscale_p = colour_strengths(aug_cfg, data_cfg.channels)
     if aug_cfg.color_jitter.p > 0:
         ops.append(v2.RandomApply([v2.ColorJitter(**strengths)], p=aug_cfg.color_jitter.p))

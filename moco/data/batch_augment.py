@@ -6,14 +6,16 @@ almost all Python overhead, and on a CPU the loader worker takes its time from t
 distributions torchvision draws from, but each operation runs once for the batch as tensor
 arithmetic, on the device that trains.
 
-Same operations, order and parameters as the per-image pipeline: random resized crop, colour
-jitter (its four parts in a random order per image), random grayscale, Gaussian blur,
-solarisation, horizontal flip, normalisation, random erasing. Two differences, both below the
-8-bit resolution of the data:
+Same operations, order and parameters as the per-image pipeline: random resized crop, affine
+moves, colour jitter (its four parts in a random order per image), random grayscale, Gaussian blur,
+solarisation, horizontal flip, normalisation, random erasing. Two differences, neither of
+which changes the views' distribution beyond the 8-bit resolution of the data:
 - values stay in float from start to end, where torchvision rounds to uint8 after the crop and
   after each jitter step;
 - the flip is folded into the crop's resampling (mirrored sampling positions), which is exact
-  because every later step treats columns alike.
+  because every later step treats columns alike, except the affine move: a mirrored move is the
+  move with the opposite angle and horizontal shift, which are drawn as often, so the views
+  come out with the same distribution.
 
 The random parameters come from torch's global CPU generator, which checkpoints save and resume
 restores (moco.run.checkpointing.RandomStates). Under DDP every rank draws the parameters of the
@@ -103,6 +105,44 @@ def crop_resize_flip(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tens
     cols = torch.where(flip[:, None, None], cols.flip(1), cols)  # mirrored sampling positions
     rows, cols = rows.to(images), cols.to(images)
     return rows[:, None] @ images @ cols[:, None].transpose(-1, -2)
+
+
+# ------------------------------------------------------------------------ affine moves
+def affine_params(n: int, size: int, degrees: float, translate: float, scale) -> dict:
+    """Angles (degrees), shifts (n x 2: x, y, whole pixels) and zooms drawn as torchvision's
+    RandomAffine.make_params without shear: angle uniform in +-``degrees``, each shift the
+    rounded uniform in +-``translate`` of the side, zoom uniform in ``scale``."""
+    most = translate * size
+    return {
+        "angle": _uniform(n, -degrees, degrees),
+        "shift": torch.round(torch.empty(n, 2).uniform_(-most, most)),
+        "zoom": _uniform(n, *scale),
+    }
+
+
+def affine(images: torch.Tensor, angle, shift, zoom) -> torch.Tensor:
+    """``images`` (n x C x H x W) rotated by ``angle`` degrees about their centre, zoomed and
+    shifted, as torchvision's affine with bilinear sampling and a black border (fill 0)."""
+    n, _, height, width = images.shape
+    on = {"device": images.device, "dtype": images.dtype}
+    turn = torch.deg2rad(angle.to(**on))
+    cos, sin = torch.cos(turn), torch.sin(turn)
+    zoom, (tx, ty) = zoom.to(**on), shift.to(**on).unbind(1)
+    # Where each output pixel comes from: the inverse move, in pixels from the image centre.
+    inverse = torch.stack([cos, sin, -sin, cos], dim=1).reshape(n, 2, 2) / zoom[:, None, None]
+    offset = -(inverse @ torch.stack([tx, ty], dim=1)[:, :, None])
+    x = torch.arange(width, **on) - (width - 1) / 2
+    y = torch.arange(height, **on) - (height - 1) / 2
+    out = torch.stack(torch.broadcast_tensors(x[None, :], y[:, None]), dim=-1)  # H x W x 2
+    source = out @ inverse.transpose(1, 2)[:, None] + offset.transpose(1, 2)[:, None]
+    grid = source / torch.tensor([width / 2, height / 2], **on)  # grid_sample's [-1, 1]
+    # torchvision samples a channel of ones with the image and multiplies by it, which darkens
+    # the pixels that straddle the border a second time; so does this.
+    ones = torch.ones(n, 1, height, width, **on)
+    moved = F.grid_sample(
+        torch.cat([images, ones], dim=1), grid, mode="bilinear", align_corners=False
+    )
+    return moved[:, :-1] * moved[:, -1:]
 
 
 # ---------------------------------------------------------------------------- colour
@@ -218,6 +258,9 @@ class BatchAugment:
     def __init__(self, aug_cfg, data_cfg) -> None:
         self.size, self.channels = data_cfg.image_size, data_cfg.channels
         self.scale = tuple(aug_cfg.crop_scale)
+        move = aug_cfg.affine
+        self.affine_p, self.degrees, self.translate = move.p, move.degrees, move.translate
+        self.zoom = tuple(move.scale)
         self.jitter = aug_cfg.color_jitter
         # The per-image pipeline's rules: no saturation, hue or grayscale on grey images, ...
         self.strengths, self.grayscale_p = colour_strengths(aug_cfg, self.channels)
@@ -261,7 +304,10 @@ class BatchAugment:
         }
         if self.solarize_p > 0:  # drawn only when used: recipes without it keep their stream
             params["solarize"] = torch.rand(n) < self.solarize_p
-        if self.erase.p > 0:  # the same
+        if self.affine_p > 0:  # the same
+            params["affine"] = torch.rand(n) < self.affine_p
+            params.update(affine_params(n, self.size, self.degrees, self.translate, self.zoom))
+        if self.erase.p > 0:
             params["erase"] = torch.rand(n) < self.erase.p
             params["erase_box"] = erase_boxes(
                 n, self.size, self.size, self.erase.scale, self.erase.ratio
@@ -272,6 +318,9 @@ class BatchAugment:
         """The view that the parameters ``p`` (from ``draw``, on the images' device) describe."""
         x = images.float() / 255
         x = crop_resize_flip(x, p["box"], p["flip"], self.size)
+        if self.affine_p > 0:
+            moved = affine(x, p["angle"], p["shift"], p["zoom"])
+            x = torch.where(p["affine"][:, None, None, None], moved, x)
         if self.jitter.p > 0:
             x = self._jitter(x, p)
         if self.grayscale_p > 0:

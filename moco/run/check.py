@@ -180,6 +180,23 @@ def _check_augment(augment: DictConfig) -> None:
     for where, recipe in (("augment", first), ("augment.second_view", second)):
         _check_probabilities(where, recipe)
         _check_erase(where, recipe.erase)
+        _check_affine(where, recipe.affine)
+
+
+def _check_affine(where: str, affine: DictConfig) -> None:
+    scale = list(affine.scale)
+    require(
+        0 <= affine.degrees <= 180,
+        f"{where}.affine.degrees={affine.degrees} must be in [0, 180] (a rotation of +-degrees)",
+    )
+    require(
+        0 <= affine.translate <= 1,
+        f"{where}.affine.translate={affine.translate} must be in [0, 1] (a fraction of the side)",
+    )
+    require(
+        len(scale) == 2 and 0 < scale[0] <= scale[1],
+        f"{where}.affine.scale={scale} must be [low, high] with 0 < low <= high (zoom factors)",
+    )
 
 
 def _check_erase(where: str, erase: DictConfig) -> None:
@@ -313,6 +330,7 @@ def check_eval(cfg: DictConfig) -> None:
         require(p.batch_size >= 1, f"probe.batch_size={p.batch_size} must be >= 1")
         _check_probabilities("probe.augmentation", p.augmentation)
         _check_erase("probe.augmentation", p.augmentation.erase)
+        _check_affine("probe.augmentation", p.augmentation.affine)
         for name, opt in optimizers(cfg).items():
             try:
                 lr = opt.lr

@@ -98,10 +98,23 @@ class EraseConfig:
 
 
 @dataclass
+class AffineConfig:
+    """torchvision's RandomAffine without shear, with probability ``p``, right after the crop: a
+    rotation uniform in +-``degrees``, a shift of whole pixels up to ``translate`` of the side
+    along each axis, a zoom uniform in ``scale``; bilinear, the uncovered border black."""
+
+    p: float = 0.0
+    degrees: float = 0.0
+    translate: float = 0.0
+    scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
+
+
+@dataclass
 class ViewConfig:
     """One view's recipe (moco/data/augment.py); the probe's augmentation is one too."""
 
     crop_scale: list[float] = MISSING
+    affine: AffineConfig = field(default_factory=AffineConfig)
     color_jitter: ColorJitterConfig = field(default_factory=ColorJitterConfig)
     grayscale_p: float = 0.0
     blur: BlurConfig = field(default_factory=BlurConfig)
@@ -136,8 +149,17 @@ class EraseChanges:
 
 
 @dataclass
+class AffineChanges:
+    p: float | None = None
+    degrees: float | None = None
+    translate: float | None = None
+    scale: list[float] | None = None
+
+
+@dataclass
 class ViewChanges:
     crop_scale: list[float] | None = None
+    affine: AffineChanges = field(default_factory=AffineChanges)
     color_jitter: ColorJitterChanges = field(default_factory=ColorJitterChanges)
     grayscale_p: float | None = None
     blur: BlurChanges = field(default_factory=BlurChanges)
