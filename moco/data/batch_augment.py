@@ -38,23 +38,33 @@ from moco.data.augment import (
 
 GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default
-CROP_ATTEMPTS = 10  # tries before falling back to the centre crop, as torchvision
+BOX_TRIES = 10  # random boxes tried per image, as torchvision's RandomResizedCrop and RandomErasing
 
 
 # ------------------------------------------------------------------------- crop + flip
+def box_tries(n: int, area: int, scale, ratio) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 10 tries per image (n x 10) of torchvision's RandomResizedCrop and RandomErasing: a
+    target area of ``scale`` times ``area`` and a log aspect ratio, both uniform, rounded to the
+    sides sqrt(area * ratio) and sqrt(area / ratio)."""
+    target = area * torch.empty(n, BOX_TRIES).uniform_(scale[0], scale[1])
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    aspect = torch.exp(torch.empty(n, BOX_TRIES).uniform_(*log_ratio))
+    return torch.round(torch.sqrt(target * aspect)), torch.round(torch.sqrt(target / aspect))
+
+
+def first_fit(fits: torch.Tensor, *sides: torch.Tensor) -> list[torch.Tensor]:
+    """Each image's ``sides`` at its first try that ``fits`` (the first try where none fits)."""
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)
+    return [side.gather(1, first).squeeze(1) for side in sides]
+
+
 def crop_boxes(n: int, height: int, width: int, scale, ratio=CROP_RATIO) -> torch.Tensor:
     """Boxes (n x 4: top, left, h, w) drawn as torchvision's RandomResizedCrop.get_params:
     area fraction uniform in ``scale``, log aspect ratio uniform, first of 10 tries that fits,
     else the largest centred box with an aspect ratio inside ``ratio``."""
-    area = height * width
-    target = area * torch.empty(n, CROP_ATTEMPTS).uniform_(scale[0], scale[1])
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    aspect = torch.exp(torch.empty(n, CROP_ATTEMPTS).uniform_(*log_ratio))
-    w = torch.round(torch.sqrt(target * aspect))
-    h = torch.round(torch.sqrt(target / aspect))
+    w, h = box_tries(n, height * width, scale, ratio)
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # index of the first fitting try
-    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    w, h = first_fit(fits, w, h)
     top = torch.floor(torch.rand(n) * (height - h + 1))
     left = torch.floor(torch.rand(n) * (width - w + 1))
 
@@ -217,20 +227,13 @@ def gaussian_blur(images: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -
 
 # ----------------------------------------------------------------------------- erasing
 def erase_boxes(n: int, height: int, width: int, scale, ratio) -> torch.Tensor:
-    """Rectangles (n x 4: top, left, h, w) drawn as torchvision's RandomErasing.get_params: area
+    """Rectangles (n x 4: top, left, h, w) drawn as torchvision's RandomErasing.make_params: area
     fraction uniform in ``scale``, log aspect ratio uniform, the first of 10 tries that fits
     strictly inside the image; h = w = 0 (nothing erased) where none fits."""
-    target = height * width * torch.empty(n, CROP_ATTEMPTS).uniform_(scale[0], scale[1])
-    aspect = torch.exp(
-        torch.empty(n, CROP_ATTEMPTS).uniform_(math.log(ratio[0]), math.log(ratio[1]))
-    )
-    h = torch.round(torch.sqrt(target * aspect))
-    w = torch.round(torch.sqrt(target / aspect))
+    h, w = box_tries(n, height * width, scale, ratio)
     fits = (h < height) & (w < width)
-    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)
     found = fits.any(dim=1)
-    h = torch.where(found, h.gather(1, first).squeeze(1), 0.0)
-    w = torch.where(found, w.gather(1, first).squeeze(1), 0.0)
+    h, w = (torch.where(found, side, 0.0) for side in first_fit(fits, h, w))
     top = torch.floor(torch.rand(n) * (height - h + 1))
     left = torch.floor(torch.rand(n) * (width - w + 1))
     return torch.stack([top, left, h, w], dim=1)
@@ -270,7 +273,8 @@ class BatchAugment:
         self.blur_sigma = tuple(aug_cfg.blur.sigma)
         self.solarize_p = aug_cfg.solarize_p
         self.flip_p = aug_cfg.flip_p
-        self.erase = aug_cfg.erase
+        self.erase_p, self.erase_scale = aug_cfg.erase.p, tuple(aug_cfg.erase.scale)
+        self.erase_ratio = tuple(aug_cfg.erase.ratio)
         mean, std = mean_and_std(data_cfg)
         self.mean = torch.tensor(mean)[None, :, None, None]
         self.std = torch.tensor(std)[None, :, None, None]
@@ -307,10 +311,10 @@ class BatchAugment:
         if self.affine_p > 0:  # the same
             params["affine"] = torch.rand(n) < self.affine_p
             params.update(affine_params(n, self.size, self.degrees, self.translate, self.zoom))
-        if self.erase.p > 0:
-            params["erase"] = torch.rand(n) < self.erase.p
+        if self.erase_p > 0:
+            params["erase"] = torch.rand(n) < self.erase_p
             params["erase_box"] = erase_boxes(
-                n, self.size, self.size, self.erase.scale, self.erase.ratio
+                n, self.size, self.size, self.erase_scale, self.erase_ratio
             )
         return params
 
@@ -331,7 +335,7 @@ class BatchAugment:
         if self.solarize_p > 0:
             x = torch.where(p["solarize"][:, None, None, None], solarize(x), x)
         x = (x - self.mean.to(x)) / self.std.to(x)
-        if self.erase.p > 0:
+        if self.erase_p > 0:
             x = erase(x, p["erase_box"], p["erase"])
         return x
 

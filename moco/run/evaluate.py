@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from moco.data.augment import pretrain_transform
 from moco.data.datasets import load_dataset
@@ -81,7 +81,15 @@ def prepare(cfg: DictConfig) -> Prepared:
     return Prepared(loaded, model, snapshot, out["train"], out["test"], seconds, datasets)
 
 
-def _split_features(cfg, source, model, data_cfg, split, dataset, device="cpu"):
+def _split_features(
+    cfg: DictConfig,
+    source: str,
+    model: FrozenFeatures,
+    data_cfg: DictConfig,
+    split: str,
+    dataset: Dataset,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The features of one split through ``model``, from the cache when it holds them."""
     f = cfg.features
 
