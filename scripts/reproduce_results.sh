@@ -7,7 +7,8 @@
 #   LONG_EPOCHS=20 scripts/reproduce_results.sh       # also a longer MoCo v2 run
 #   OUT=runs/results2 scripts/reproduce_results.sh    # elsewhere (default runs/results)
 #   METHODS=moco_v2 scripts/reproduce_results.sh      # pretrain only these (default v2, v1, v3)
-#   SUPERVISED_EPOCHS=0 scripts/reproduce_results.sh  # no supervised reference (default 5 epochs)
+#   SUPERVISED_EPOCHS=0 scripts/reproduce_results.sh  # no supervised reference (default 28 epochs:
+#                                                     # about MoCo v2's training time)
 #
 # Re-running continues: finished steps are skipped and an interrupted pretraining resumes from
 # its last checkpoint. The table's time is the run's own training clock (time/train_s, all parts
@@ -55,8 +56,8 @@ main() {  # in a function, so bash parses the whole script before running it: an
         pretrain moco_v2_long +experiment=moco_v2 trainer.max_epochs="$LONG_EPOCHS"
     fi
     # The bar for the self-supervised rows: the same backbone and data trained with the labels.
-    if [[ ${SUPERVISED_EPOCHS:-5} != 0 ]]; then
-        pretrain supervised +experiment=supervised trainer.max_epochs="${SUPERVISED_EPOCHS:-5}"
+    if [[ ${SUPERVISED_EPOCHS:-28} != 0 ]]; then
+        pretrain supervised +experiment=supervised trainer.max_epochs="${SUPERVISED_EPOCHS:-28}"
     fi
 
     evaluate raw raw
