@@ -199,6 +199,8 @@ def test_user_mistake_is_one_line_exit_2_and_leaves_no_run_dir(tmp_path):
         ("knn", "knn.picture.neighbours=0", "knn.picture"),
         ("knn", "features.layer=neck", "features.layer"),
         ("probe", "probe.normalize=zscore", "probe.normalize"),
+        ("compare", "probe.augmentation.affine.degrees=-1", "probe.augmentation.affine.degrees"),
+        ("compare", "probe.augmentation.erase.p=2", "probe.augmentation.erase.p"),
         ("compare", "optimizers.sgd.lr=0", "optimizer sgd"),
     ],
 )

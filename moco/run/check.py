@@ -178,9 +178,14 @@ def _check_augment(augment: DictConfig) -> None:
     )
     first, second = view_recipes(augment)
     for where, recipe in (("augment", first), ("augment.second_view", second)):
-        _check_probabilities(where, recipe)
-        _check_erase(where, recipe.erase)
-        _check_affine(where, recipe.affine)
+        _check_view(where, recipe)
+
+
+def _check_view(where: str, recipe: DictConfig) -> None:
+    """One view's recipe (a ViewConfig) at ``where``: probabilities, erasing, affine moves."""
+    _check_probabilities(where, recipe)
+    _check_erase(where, recipe.erase)
+    _check_affine(where, recipe.affine)
 
 
 def _check_affine(where: str, affine: DictConfig) -> None:
@@ -328,9 +333,7 @@ def check_eval(cfg: DictConfig) -> None:
         p = cfg.probe
         require(p.epochs >= 1, f"probe.epochs={p.epochs} must be >= 1")
         require(p.batch_size >= 1, f"probe.batch_size={p.batch_size} must be >= 1")
-        _check_probabilities("probe.augmentation", p.augmentation)
-        _check_erase("probe.augmentation", p.augmentation.erase)
-        _check_affine("probe.augmentation", p.augmentation.affine)
+        _check_view("probe.augmentation", p.augmentation)
         for name, opt in optimizers(cfg).items():
             try:
                 lr = opt.lr
