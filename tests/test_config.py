@@ -150,6 +150,8 @@ def assert_rejected(make_cfg, *fragments: str) -> str:
         (["augment.solarize_p=1.5"], ["augment.solarize_p=1.5", "[0, 1]"]),
         (["augment.erase.p=2"], ["augment.erase.p=2", "[0, 1]"]),
         (["augment.erase.scale=[0.3,0.1]"], ["augment.erase.scale", "low <= high"]),
+        (["augment.erase.scale=[0.1,1.5]"], ["augment.erase.scale=[0.1, 1.5]", "high <= 1"]),
+        (["augment.affine.scale=[0.9]"], ["augment.affine.scale=[0.9]", "[low, high]"]),
         (["augment.second_view.erase.ratio=[0,1]"], ["augment.second_view.erase.ratio"]),
         (["augment.affine.p=1.5"], ["augment.affine.p=1.5", "[0, 1]"]),
         (["augment.affine.degrees=-5"], ["augment.affine.degrees=-5", "[0, 180]"]),

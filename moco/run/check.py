@@ -189,7 +189,6 @@ def _check_view(where: str, recipe: DictConfig) -> None:
 
 
 def _check_affine(where: str, affine: DictConfig) -> None:
-    scale = list(affine.scale)
     require(
         0 <= affine.degrees <= 180,
         f"{where}.affine.degrees={affine.degrees} must be in [0, 180] (a rotation of +-degrees)",
@@ -198,22 +197,20 @@ def _check_affine(where: str, affine: DictConfig) -> None:
         0 <= affine.translate <= 1,
         f"{where}.affine.translate={affine.translate} must be in [0, 1] (a fraction of the side)",
     )
-    require(
-        len(scale) == 2 and 0 < scale[0] <= scale[1],
-        f"{where}.affine.scale={scale} must be [low, high] with 0 < low <= high (zoom factors)",
-    )
+    _check_pair(f"{where}.affine.scale", affine.scale, "zoom factors")
 
 
 def _check_erase(where: str, erase: DictConfig) -> None:
-    scale, ratio = list(erase.scale), list(erase.ratio)
-    require(
-        len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
-        f"{where}.erase.scale={scale} must be [low, high], 0 < low <= high <= 1 (area fractions)",
-    )
-    require(
-        len(ratio) == 2 and 0 < ratio[0] <= ratio[1],
-        f"{where}.erase.ratio={ratio} must be [low, high] with 0 < low <= high (aspect ratio)",
-    )
+    _check_pair(f"{where}.erase.scale", erase.scale, "area fractions", high=1)
+    _check_pair(f"{where}.erase.ratio", erase.ratio, "aspect ratios")
+
+
+def _check_pair(name: str, values, meaning: str, high: float | None = None) -> None:
+    """A range setting [low, high] with 0 < low <= high, and high <= ``high`` when given."""
+    pair = list(values)
+    ok = len(pair) == 2 and 0 < pair[0] <= pair[1] and (high is None or pair[1] <= high)
+    bound = "" if high is None else f" <= {high}"
+    require(ok, f"{name}={pair} must be [low, high] with 0 < low <= high{bound} ({meaning})")
 
 
 def _check_probabilities(where: str, recipe: DictConfig) -> None:
