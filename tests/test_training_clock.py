@@ -71,3 +71,14 @@ def test_a_checkpoint_within_an_epoch_carries_the_epochs_time_and_images():
     assert logged["time/epoch_s"] >= 0.1
     steps_s = resumed.state_dict()["steps_s"]
     assert logged["throughput/images_per_s"] == pytest.approx(32 / steps_s)
+
+
+def test_saving_a_checkpoint_leaves_the_clock_as_it_was():
+    clock = TrainingClock()
+    clock.on_train_epoch_start(None, _Module())
+    time.sleep(0.02)
+    before = (clock.seconds, clock._epoch_s, clock._since)
+    saved = clock.state_dict()
+    assert (clock.seconds, clock._epoch_s, clock._since) == before
+    assert saved["seconds"] == saved["epoch_s"] >= 0.02
+    assert clock.state_dict()["seconds"] >= saved["seconds"]  # the epoch goes on counting

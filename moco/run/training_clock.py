@@ -59,11 +59,12 @@ class TrainingClock(pl.Callback):
         pl_module.log_dict(values, rank_zero_only=True)
 
     def state_dict(self) -> dict:
-        if self._since is not None:
-            self._count()  # a checkpoint within an epoch holds the epoch's time so far
+        # A checkpoint within an epoch holds the epoch's time so far; the clock itself goes on
+        # counting from where it was, so saving changes nothing.
+        pending = time.monotonic() - self._since if self._since is not None else 0.0
         return {
-            "seconds": self.seconds,
-            "epoch_s": self._epoch_s,
+            "seconds": self.seconds + pending,
+            "epoch_s": self._epoch_s + pending,
             "steps_s": self._steps_s,
             "images": self._images,
         }
