@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import CONF_DIR
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 import moco.run.hardware as hardware
 from moco.errors import ConfigError
@@ -257,8 +257,12 @@ OWN_VALUES = {
 def test_fashion_mnist_experiments_apply_the_recipe_after_the_method(compose, experiment):
     recipe = OmegaConf.load(CONF_DIR / "recipe" / "fashion_mnist.yaml")
     tuned = compose([f"+experiment={experiment}"])
-    leaves = [f"{group}.{key}" for group, values in recipe.items() for key in values]
-    assert len(leaves) >= 4
+    leaves = [
+        f"{group}.{key}" if isinstance(values, DictConfig) else group
+        for group, values in recipe.items()
+        for key in (values if isinstance(values, DictConfig) else [None])
+    ]
+    assert len(leaves) >= 6 and "time_budget_minutes" in leaves
     own = OWN_VALUES.get(experiment, {})
     assert set(own) <= set(leaves)
     for key in leaves:
@@ -341,6 +345,8 @@ INTENDED = {
     ("moco_v2", "model.scheduler.warmup_epochs"): ("0", "1.0"),
     ("moco_v2", "optimizer.weight_decay"): ("0.0001", "0.0005"),
     ("moco_v2", "model.optimizer.weight_decay"): ("0.0001", "0.0005"),
+    # The recipe's time budget plans the epochs that fit the hour; max_epochs is the most it may.
+    **{(name, "trainer.max_epochs"): ("20", "40") for name in FASHION_MNIST_EXPERIMENTS},
     **{
         (name, f"augment.second_view.{key}"): ("<absent>", "None")
         for name in BEFORE

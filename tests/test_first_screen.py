@@ -1,3 +1,4 @@
+import dataclasses
 import logging
 import warnings
 from types import SimpleNamespace
@@ -63,11 +64,13 @@ def fake_trainer(steps_per_epoch=100, epochs=10, max_steps=-1, **overrides) -> S
     return trainer
 
 
-def run(trainer, step_s=0.5, epoch_end_s=0.0, until=None, first_steps_s=None, **kwargs):
+def run(
+    trainer, step_s=0.5, epoch_end_s=0.0, until=None, first_steps_s=None, facts=FACTS, **kwargs
+):
     """Drives the callback through a fit as Lightning would, with ``step_s`` per optimizer step
     (``first_steps_s`` for the first five) and ``epoch_end_s`` between epochs."""
     clock, lines = Clock(), []
-    callback = RunSummary(FACTS, clock=clock, write=lines.append, **kwargs)
+    callback = RunSummary(facts, clock=clock, write=lines.append, **kwargs)
     callback.on_fit_start(trainer, None)
     callback.on_train_start(trainer, None)
     until = until or trainer.estimated_stepping_batches
@@ -150,7 +153,7 @@ def test_epoch_end_time_corrects_the_estimate_once():
     # epoch ends are left: 450 s + 432 s.
     assert after == [
         "after epoch 1: 48 s of epoch-end work (kNN monitor, checkpoint) "
-        "-> about 16 min in all (15 min left)"
+        "-> about 16 min for 1000 steps (15 min left)"
     ]
 
 
@@ -162,6 +165,17 @@ def test_short_epochs_put_the_epoch_end_time_into_the_timing_line():
     assert "about 42 min for 1000 steps" in line
     assert "with 20 s per epoch end" in line
     assert not any(line.startswith("after epoch") for line in lines)
+
+
+def test_under_a_time_budget_the_estimate_is_the_epochs_that_fit():
+    facts = dataclasses.replace(FACTS, time_budget_minutes=5)
+    lines = run(fake_trainer(), step_s=0.5, epoch_end_s=10.0, facts=facts)
+    assert "the epochs that fit 5 min, at most 10 epochs x 100 steps -> 1000 steps" in lines[0]
+    # 100 steps of 0.5 s: 50 s per epoch, then 10 s of epoch end: 6 and then 5 epochs of 300 s.
+    (timing,) = timing_lines(lines)
+    assert "-> about 6 epochs fit the 5 min budget" in timing
+    after = [line for line in lines if line.startswith("after epoch")]
+    assert after[0].endswith("-> about 5 epochs fit the 5 min budget")
 
 
 def test_only_rank_zero_prints():

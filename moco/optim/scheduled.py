@@ -5,7 +5,7 @@ the linear lr scaling, the warm-up length and the schedule are the same rule eve
 """
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import hydra
 import torch
@@ -24,20 +24,24 @@ def scheduled_optimizer(
     params: Iterable[torch.nn.Parameter],
     optimizer: Mapping,
     scheduler: Mapping,
-    total_steps: int,
+    total_steps: int | Callable[[], int],
     steps_per_epoch: int,
     lr: float | None = None,
 ) -> tuple[torch.optim.Optimizer, LambdaLR]:
     """``optimizer`` (a Hydra config with ``_target_``; ``lr`` overrides its lr) with a schedule
     stepped every iteration: ``scheduler`` holds ``name``, ``warmup_epochs`` and, for ``step``,
-    ``milestones`` (fractions of training) and ``gamma``."""
+    ``milestones`` (fractions of training) and ``gamma``.
+
+    ``total_steps`` may be a function, read at every step, for a run whose length is decided
+    while it trains (``moco.run.time_budget``)."""
     kwargs = {} if lr is None else {"lr": lr}
     opt = hydra.utils.instantiate(optimizer, params=params, **kwargs)
-    warmup_steps = min(round(scheduler.get("warmup_epochs", 0) * steps_per_epoch), total_steps)
+    total = total_steps if callable(total_steps) else lambda: total_steps
+    warmup_steps = min(round(scheduler.get("warmup_epochs", 0) * steps_per_epoch), total())
     name, milestones = scheduler["name"], tuple(scheduler.get("milestones", ()))
     gamma = scheduler.get("gamma", 0.1)
     schedule = LambdaLR(
-        opt, lambda step: lr_factor(step, total_steps, name, warmup_steps, milestones, gamma)
+        opt, lambda step: lr_factor(step, total(), name, warmup_steps, milestones, gamma)
     )
     return opt, schedule
 
@@ -64,7 +68,11 @@ def lightning_optimizer(
     reference_batch: int,
 ) -> dict:
     """What a LightningModule's ``configure_optimizers`` returns: ``optimizer`` with its lr
-    scaled from ``reference_batch`` to ``global_batch`` images, its schedule stepped every step."""
+    scaled from ``reference_batch`` to ``global_batch`` images, its schedule stepped every step
+    over the run's length as the Trainer has it at that step (a time budget may change it)."""
     lr = scaled_lr(optimizer["lr"], global_batch, reference_batch)
-    opt, schedule = scheduled_optimizer(params, optimizer, scheduler, *trainer_steps(trainer), lr)
+    _, steps_per_epoch = trainer_steps(trainer)
+    opt, schedule = scheduled_optimizer(
+        params, optimizer, scheduler, lambda: trainer_steps(trainer)[0], steps_per_epoch, lr
+    )
     return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -152,6 +152,12 @@ def check_pretrain(cfg: DictConfig) -> None:
         (trainer.max_epochs or -1) > 0 or (trainer.max_steps or -1) > 0,
         "set trainer.max_epochs or trainer.max_steps to a positive number",
     )
+    budget = cfg.get("time_budget_minutes")
+    require(
+        budget is None or (budget > 0 and (trainer.max_epochs or -1) > 0),
+        f"{setting('time_budget_minutes', budget)} must be > 0 minutes, with trainer.max_epochs "
+        "> 0 as the most epochs it may plan (null: no budget)",
+    )
     recipe = cfg.get("recipe")
     require(
         recipe is None or recipe == data.name,

@@ -31,6 +31,7 @@ class RunFacts:
     stem: str
     batch_size: int  # per process
     run_dir: str | Path
+    time_budget_minutes: float | None = None  # None: the run has trainer.max_epochs epochs
 
 
 def format_duration(seconds: float) -> str:
@@ -80,6 +81,8 @@ class RunSummary(pl.Callback):
             schedule = f"max_steps={trainer.max_steps}, {self.per_epoch or '?'} steps per epoch"
         elif -1 < trainer.max_steps < trainer.max_epochs * self.per_epoch:
             schedule += f", max_steps={trainer.max_steps}"
+        if f.time_budget_minutes:
+            schedule = f"the epochs that fit {f.time_budget_minutes:g} min, at most {schedule}"
         accelerator = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
         device = f"{accelerator} x {trainer.num_devices}"
         if trainer.num_nodes > 1:
@@ -116,10 +119,9 @@ class RunSummary(pl.Callback):
         if self.epoch_end_s is None and self.batch_ended is not None:
             self.epoch_end_s = now - self.batch_ended
             if self.rate is not None and trainer.is_global_zero:
-                whole, left = self._estimate(trainer)
                 self.write(
                     f"after epoch {trainer.current_epoch}: {format_duration(self.epoch_end_s)} of "
-                    f"{_EPOCH_END} -> about {whole} in all ({left} left)"
+                    f"{_EPOCH_END} -> {self._outlook(trainer)}"
                 )
         if self.tick is not None:
             self.tick = now
@@ -140,21 +142,27 @@ class RunSummary(pl.Callback):
             if trainer.is_global_zero:
                 self.write(self._timing_line(trainer))
 
-    def _estimate(self, trainer: pl.Trainer) -> tuple[str, str]:
+    def _outlook(self, trainer: pl.Trainer) -> str:
+        """How long the whole run will take, or under a time budget how many epochs fit it."""
         per_end = self.epoch_end_s or 0.0
         epochs = math.ceil(self.total / self.per_epoch) if self.per_epoch else 0
+        budget = self.facts.time_budget_minutes
+        if budget and self.per_epoch:
+            epoch_s = self.per_epoch / self.rate + per_end
+            fit = min(max(math.floor(60 * budget / epoch_s), 1), epochs)
+            return f"about {fit} epochs fit the {budget:g} min budget"
         whole = self.total / self.rate + epochs * per_end
         left = (self.total - trainer.global_step) / self.rate
         left += (epochs - trainer.current_epoch) * per_end
-        return format_duration(whole), format_duration(left)
+        whole, left = format_duration(whole), format_duration(left)
+        return f"about {whole} for {self.total} steps ({left} left)"
 
     def _timing_line(self, trainer: pl.Trainer) -> str:
-        whole, left = self._estimate(trainer)
         ends = f"{_EPOCH_END} not included"
         if self.epoch_end_s is not None:  # epochs shorter than the timed steps
             ends = f"with {format_duration(self.epoch_end_s)} per epoch end"
         speed = f"{_rate(self.rate)} it/s, {_rate(self.rate * self.global_batch)} img/s"
-        return f"timing: {speed} -> about {whole} for {self.total} steps ({left} left), {ends}"
+        return f"timing: {speed} -> {self._outlook(trainer)}, {ends}"
 
 
 def _not_litlogger_tip(record: logging.LogRecord) -> bool:

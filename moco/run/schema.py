@@ -349,6 +349,7 @@ class PretrainConfig:
     seed: int = MISSING
     malloc: Malloc = MISSING
     resume: str = MISSING
+    time_budget_minutes: float | None = None  # null: trainer.max_epochs epochs
     # A fresh start's weights: a file moco.weights knows (a pretraining checkpoint, an export,
     # official MoCo v1/v2/v3, torchvision ResNet weights), copied into the query and key
     # encoders (the head too when it fits); null: random. Ignored when the run resumes.

@@ -22,6 +22,7 @@ from moco.run.hardware import configure_malloc, precision_for
 from moco.run.loggers import make_loggers
 from moco.run.metrics_log import MetricsAcrossResume, carry_over_metrics
 from moco.run.skipped_images import ReportSkippedImages
+from moco.run.time_budget import TimeBudget
 from moco.run.training_clock import TrainingClock
 from moco.run.warm_start import warm_start
 from moco.run.within_epoch import WithinEpochCheckpoints
@@ -75,6 +76,7 @@ def _run_facts(cfg: DictConfig, run_dir: Path) -> RunFacts:
         stem=resolve_stem(model.stem, model.image_size),
         batch_size=cfg.data.batch_size,  # per process; the summary multiplies by the world size
         run_dir=run_dir,
+        time_budget_minutes=cfg.get("time_budget_minutes"),
     )
 
 
@@ -113,6 +115,9 @@ def pretrain(cfg: DictConfig, run_dir: Path) -> Path | None:
     )
     quiet_lightning()  # before the Trainer: its constructor logs the litlogger tip
     summary = RunSummary(_run_facts(cfg, run_dir))
+    clock = TrainingClock()
+    budget = cfg.get("time_budget_minutes")
+    planner = [TimeBudget(budget, cfg.trainer.max_epochs, clock)] if budget else []
     trainer = pl.Trainer(
         **_trainer_args(cfg),
         default_root_dir=run_dir,
@@ -130,8 +135,9 @@ def pretrain(cfg: DictConfig, run_dir: Path) -> Path | None:
         + ([monitor] if monitor else [])
         # After the monitor, so each epoch's count includes its kNN evaluation; Lightning calls
         # the checkpoint callbacks last, so each checkpoint holds the count of its own epoch
-        # and the epoch's log row, taken after everything else has logged.
-        + [TrainingClock(), MetricsAcrossResume(), within_epoch],
+        # and the epoch's log row, taken after everything else has logged. The budget reads
+        # the clock after it has counted the epoch.
+        + [clock, *planner, MetricsAcrossResume(), within_epoch],
         enable_model_summary=False,
     )
     if resume_from is not None and trainer.is_global_zero:

@@ -1,0 +1,120 @@
+"""moco.run.time_budget: a run that plans its epochs to fill a time budget."""
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import TINY_RUN
+
+from moco.errors import ConfigError
+from moco.optim.scheduled import scheduled_optimizer
+from moco.optim.schedules import lr_factor
+from moco.run.check import check_pretrain
+from moco.run.time_budget import TimeBudget, planned_epochs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_planned_epochs_are_those_done_and_the_mean_epochs_that_fit():
+    assert planned_epochs(done=1, spent_s=100, budget_s=1000, most=40) == 10
+    assert planned_epochs(done=4, spent_s=400, budget_s=1050, most=40) == 10  # 6.5 more: 6
+    assert planned_epochs(done=1, spent_s=10, budget_s=1000, most=5) == 5  # never past the most
+    assert planned_epochs(done=5, spent_s=600, budget_s=500, most=40) == 5  # over: stop now
+    assert planned_epochs(done=0, spent_s=0, budget_s=500, most=40) == 40  # nothing measured
+
+
+class _Strategy:
+    """Rank 0's plan arrives by broadcast; ``rank0_plan`` plays rank 0 on another rank."""
+
+    def __init__(self, rank0_plan=None) -> None:
+        self.rank0_plan = rank0_plan
+
+    def broadcast(self, obj, src=0):
+        assert src == 0
+        return obj if self.rank0_plan is None else self.rank0_plan
+
+
+def _trainer(max_epochs=40, epoch=0, strategy=None):
+    return SimpleNamespace(
+        current_epoch=epoch,
+        fit_loop=SimpleNamespace(max_epochs=max_epochs),
+        strategy=strategy or _Strategy(),
+        is_global_zero=True,
+    )
+
+
+class _Module:
+    def __init__(self) -> None:
+        self.logged = {}
+
+    def log(self, name, value, **kwargs) -> None:
+        self.logged[name] = value
+
+
+def test_the_plan_sets_max_epochs_and_a_resumed_run_keeps_it():
+    clock = SimpleNamespace(seconds=120.0)  # the first epoch took 2 minutes
+    budget, trainer, module = TimeBudget(60, 40, clock), _trainer(), _Module()
+    budget.on_train_epoch_end(trainer, module)
+    assert trainer.fit_loop.max_epochs == 30  # 1 + 3480 s / 120 s
+    assert module.logged["time/planned_epochs"] == 30
+
+    resumed, trainer = TimeBudget(60, 40, clock), _trainer()  # the config's 40 again
+    resumed.load_state_dict(budget.state_dict())
+    resumed.on_fit_start(trainer, module)
+    assert trainer.fit_loop.max_epochs == 30
+
+
+def test_every_rank_takes_rank_zeros_plan():
+    trainer = _trainer(strategy=_Strategy(rank0_plan=29))
+    TimeBudget(60, 40, SimpleNamespace(seconds=110.0)).on_train_epoch_end(trainer, _Module())
+    assert trainer.fit_loop.max_epochs == 29  # its own clock would have said 32
+
+
+def test_the_lr_schedule_follows_a_run_whose_length_changes():
+    length = {"steps": 100}
+    weight = torch.nn.Parameter(torch.zeros(1))
+    sgd = {"_target_": "torch.optim.SGD", "lr": 1.0}
+    opt, schedule = scheduled_optimizer(
+        [weight], sgd, {"name": "cosine", "warmup_epochs": 1}, lambda: length["steps"], 10
+    )
+    for _ in range(20):
+        opt.step()
+        schedule.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr_factor(20, 100, "cosine", 10))
+    length["steps"] = 30  # the plan shrinks: the cosine now ends at step 30
+    for _ in range(9):
+        opt.step()
+        schedule.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr_factor(29, 30, "cosine", 10))
+    assert opt.param_groups[0]["lr"] < 0.01
+
+
+@pytest.mark.parametrize("minutes", [0, -5])
+def test_a_budget_must_be_positive(tiny_cfg, minutes):
+    with pytest.raises(ConfigError, match="time_budget_minutes"):
+        check_pretrain(tiny_cfg(f"time_budget_minutes={minutes}"))
+
+
+def _pretrain(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "scripts/pretrain.py", f"hydra.run.dir={run_dir}", *TINY_RUN]
+    result = subprocess.run(
+        [*command, *extra], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_a_run_stops_when_its_budget_is_spent_and_resumes_to_the_same_end(tmp_path):
+    # A budget shorter than one epoch: the plan after the first is to stop there.
+    args = ("trainer.max_epochs=3", "time_budget_minutes=0.0001")
+    first = _pretrain(tmp_path, *args)
+    assert "Time budget: 1 epoch planned" in first.stdout
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("epoch*.ckpt")) == [
+        "epoch000.ckpt"
+    ]
+    # Started again in its directory, it resumes with its plan, not the config's 3 epochs.
+    _pretrain(tmp_path, *args)
+    assert not (tmp_path / "checkpoints" / "epoch001.ckpt").exists()
