@@ -19,6 +19,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/results}
+for old in LONG_EPOCHS SUPERVISED_EPOCHS; do  # runs are set by time now, not by epochs
+    if [[ -n ${!old:-} ]]; then echo "error: $old is gone: use LONG_MINUTES or SUPERVISED=0" >&2; exit 2; fi
+done
 mkdir -p "$OUT"
 
 pretrain() {  # name, overrides...

@@ -67,6 +67,32 @@ def test_the_plan_sets_max_epochs_and_a_resumed_run_keeps_it():
     assert trainer.fit_loop.max_epochs == 30
 
 
+def test_a_plan_never_grows_so_the_schedules_never_go_back():
+    clock = SimpleNamespace(seconds=200.0)  # a slow first epoch: 18 epochs fit
+    budget, trainer = TimeBudget(60, 40, clock), _trainer()
+    budget.on_train_epoch_end(trainer, _Module())
+    assert trainer.fit_loop.max_epochs == 18
+    clock.seconds, trainer.current_epoch = 300.0, 1  # then a fast one: 24 would fit
+    budget.on_train_epoch_end(trainer, _Module())
+    assert trainer.fit_loop.max_epochs == 18
+    clock.seconds, trainer.current_epoch = 800.0, 2  # a slow one: 13 fit
+    budget.on_train_epoch_end(trainer, _Module())
+    assert trainer.fit_loop.max_epochs == 13
+
+
+def test_a_run_resumed_with_another_budget_or_bound_plans_afresh():
+    clock = SimpleNamespace(seconds=120.0)
+    budget = TimeBudget(60, 40, clock)
+    budget.on_train_epoch_end(_trainer(), _Module())
+    for minutes, most in ((90, 40), (60, 50)):
+        resumed, trainer = TimeBudget(minutes, most, clock), _trainer(max_epochs=most)
+        resumed.load_state_dict(budget.state_dict())
+        resumed.on_fit_start(trainer, _Module())
+        assert trainer.fit_loop.max_epochs == most  # until its next epoch's plan
+        resumed.on_train_epoch_end(trainer, _Module())
+        assert trainer.fit_loop.max_epochs == min(most, 60 * minutes // 120)
+
+
 def test_every_rank_takes_rank_zeros_plan():
     trainer = _trainer(strategy=_Strategy(rank0_plan=29))
     TimeBudget(60, 40, SimpleNamespace(seconds=110.0)).on_train_epoch_end(trainer, _Module())
@@ -92,10 +118,28 @@ def test_the_lr_schedule_follows_a_run_whose_length_changes():
     assert opt.param_groups[0]["lr"] < 0.01
 
 
+def test_a_warm_up_longer_than_the_run_ends_with_it():
+    weight = torch.nn.Parameter(torch.zeros(1))
+    sgd = {"_target_": "torch.optim.SGD", "lr": 1.0}
+    opt, schedule = scheduled_optimizer(
+        [weight], sgd, {"name": "cosine", "warmup_epochs": 10}, lambda: 20, 10
+    )
+    for _ in range(19):
+        opt.step()
+        schedule.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.0)  # the last step at the full lr
+
+
 @pytest.mark.parametrize("minutes", [0, -5])
 def test_a_budget_must_be_positive(tiny_cfg, minutes):
-    with pytest.raises(ConfigError, match="time_budget_minutes"):
+    with pytest.raises(ConfigError, match=r"time_budget_minutes=[-0-9.]+ must be > 0 minutes"):
         check_pretrain(tiny_cfg(f"time_budget_minutes={minutes}"))
+
+
+def test_a_budget_needs_an_epoch_bound(tiny_cfg):
+    cfg = tiny_cfg("time_budget_minutes=60", "trainer.max_epochs=-1", "trainer.max_steps=50")
+    with pytest.raises(ConfigError, match="time_budget_minutes=null for a run of"):
+        check_pretrain(cfg)
 
 
 def _pretrain(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -111,10 +155,11 @@ def test_a_run_stops_when_its_budget_is_spent_and_resumes_to_the_same_end(tmp_pa
     # A budget shorter than one epoch: the plan after the first is to stop there.
     args = ("trainer.max_epochs=3", "time_budget_minutes=0.0001")
     first = _pretrain(tmp_path, *args)
-    assert "Time budget: 1 epoch planned" in first.stdout
+    assert "time budget: 1 epoch planned" in first.stdout
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("epoch*.ckpt")) == [
         "epoch000.ckpt"
     ]
     # Started again in its directory, it resumes with its plan, not the config's 3 epochs.
-    _pretrain(tmp_path, *args)
+    again = _pretrain(tmp_path, *args)
+    assert "Resuming from" in again.stdout
     assert not (tmp_path / "checkpoints" / "epoch001.ckpt").exists()

@@ -37,12 +37,15 @@ def scheduled_optimizer(
     kwargs = {} if lr is None else {"lr": lr}
     opt = hydra.utils.instantiate(optimizer, params=params, **kwargs)
     total = total_steps if callable(total_steps) else lambda: total_steps
-    warmup_steps = min(round(scheduler.get("warmup_epochs", 0) * steps_per_epoch), total())
+    warmup = round(scheduler.get("warmup_epochs", 0) * steps_per_epoch)
     name, milestones = scheduler["name"], tuple(scheduler.get("milestones", ()))
     gamma = scheduler.get("gamma", 0.1)
-    schedule = LambdaLR(
-        opt, lambda step: lr_factor(step, total(), name, warmup_steps, milestones, gamma)
-    )
+
+    def factor(step: int) -> float:
+        steps = total()  # a warm-up longer than the run ends with it
+        return lr_factor(step, steps, name, min(warmup, steps), milestones, gamma)
+
+    schedule = LambdaLR(opt, factor)
     return opt, schedule
 
 

@@ -153,11 +153,14 @@ def check_pretrain(cfg: DictConfig) -> None:
         "set trainer.max_epochs or trainer.max_steps to a positive number",
     )
     budget = cfg.get("time_budget_minutes")
-    require(
-        budget is None or (budget > 0 and (trainer.max_epochs or -1) > 0),
-        f"{setting('time_budget_minutes', budget)} must be > 0 minutes, with trainer.max_epochs "
-        "> 0 as the most epochs it may plan (null: no budget)",
-    )
+    if budget is not None:
+        name = setting("time_budget_minutes", budget)
+        require(budget > 0, f"{name} must be > 0 minutes (null: no budget)")
+        require(
+            (trainer.max_epochs or -1) > 0,
+            f"{name} plans epochs up to trainer.max_epochs: set that > 0, or "
+            "time_budget_minutes=null for a run of trainer.max_steps",
+        )
     recipe = cfg.get("recipe")
     require(
         recipe is None or recipe == data.name,

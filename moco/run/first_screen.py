@@ -118,7 +118,9 @@ class RunSummary(pl.Callback):
         now = self.clock()
         if self.epoch_end_s is None and self.batch_ended is not None:
             self.epoch_end_s = now - self.batch_ended
-            if self.rate is not None and trainer.is_global_zero:
+            # Under a time budget the run's own plan follows each epoch (moco.run.time_budget).
+            budget = self.facts.time_budget_minutes
+            if self.rate is not None and trainer.is_global_zero and not budget:
                 self.write(
                     f"after epoch {trainer.current_epoch}: {format_duration(self.epoch_end_s)} of "
                     f"{_EPOCH_END} -> {self._outlook(trainer)}"

@@ -4,16 +4,20 @@ A fixed epoch count takes twice as long on one CPU as on another. With ``time_bu
 the run plans its length after every epoch from the training time spent so far (the
 ``TrainingClock``'s count): the epochs done plus as many of the mean epoch as the time left
 holds, never more than ``trainer.max_epochs``. The lr and momentum schedules read the run's
-length every step (``moco.optim.scheduled``), so the cosine ends at the last planned epoch; a
-change of plan moves the rest of the curve by the change of one epoch in its length.
+length every step (``moco.optim.scheduled``), so the cosine ends at the last planned epoch.
 
-The plan is made on rank 0 and broadcast, so all processes stop after the same epoch, and it
-travels in the checkpoints, so a resumed run keeps it.
+A plan only ever shrinks: a longer one would move the schedules back (a step schedule's drop
+undone, a cosine rising again), so epochs that run faster than the first ones are not used.
+
+The plan is made on rank 0 and broadcast, so all processes stop after the same epoch. It travels
+in the checkpoints with the budget it was made for: a run resumed with the same budget and bound
+keeps it, one resumed with another plans afresh after its next epoch.
 """
 
 import math
 
 import pytorch_lightning as pl
+from tqdm import tqdm
 
 from moco.run.training_clock import TrainingClock
 
@@ -48,20 +52,25 @@ class TimeBudget(pl.Callback):
         plan = planned_epochs(
             trainer.current_epoch + 1, self.clock.seconds, self.budget_s, self.most_epochs
         )
+        if self.planned is not None:
+            plan = min(plan, self.planned)
         plan = trainer.strategy.broadcast(plan, src=0)
         if plan != self.planned and trainer.is_global_zero:
-            minutes_left = max(self.budget_s - self.clock.seconds, 0.0) / 60
-            print(
-                f"\nTime budget: {plan} epoch{'s' if plan != 1 else ''} planned "
-                f"({self.clock.seconds / 60:.1f} of {self.budget_s / 60:g} min spent, "
-                f"{minutes_left:.1f} left)"
+            spent, budget = self.clock.seconds / 60, self.budget_s / 60
+            tqdm.write(
+                f"time budget: {plan} epoch{'s' if plan != 1 else ''} planned "
+                f"({spent:.1f} of {budget:g} min spent)"
             )
         self.planned = plan
         trainer.fit_loop.max_epochs = plan
         pl_module.log("time/planned_epochs", float(plan), rank_zero_only=True)
 
     def state_dict(self) -> dict:
-        return {"planned": self.planned}
+        return {"planned": self.planned, "budget_s": self.budget_s, "most": self.most_epochs}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.planned = state_dict.get("planned")
+        same = (state_dict.get("budget_s"), state_dict.get("most")) == (
+            self.budget_s,
+            self.most_epochs,
+        )
+        self.planned = state_dict.get("planned") if same else None
