@@ -149,6 +149,25 @@ def test_linear_probe_with_augmentation_keeps_the_checkpoint_frozen(checkpoint, 
     assert "encoder unchanged" in proc.stdout
 
 
+def test_linear_probe_reports_a_held_out_validation_split(tmp_path):
+    out, proc = run(
+        "linear_probe",
+        tmp_path,
+        "checkpoint=raw",
+        *DATA,
+        "probe.epochs=2",
+        "probe.batch_size=20",
+        "probe.validation=40",
+        "probe.normalize=standardize",
+        "features.cache_dir=null",
+    )
+    summary = json.loads((out / "probe.json").read_text())
+    assert 0.0 <= summary["val_top1"] <= summary["val_top5"] <= 100.0
+    steps = list(csv.DictReader((out / "losses.csv").open()))
+    assert len(steps) == 2 * 3  # trained on the 60 images left: 3 steps of 20 per epoch
+    assert f"validation top-1 {summary['val_top1']:.2f}%" in proc.stdout
+
+
 def test_compare_optimizers_on_raw_pixels(tmp_path):
     out, proc = run(
         "compare_optimizers",
@@ -199,6 +218,8 @@ def test_user_mistake_is_one_line_exit_2_and_leaves_no_run_dir(tmp_path):
         ("knn", "knn.picture.neighbours=0", "knn.picture"),
         ("knn", "features.layer=neck", "features.layer"),
         ("probe", "probe.normalize=zscore", "probe.normalize"),
+        ("compare", "probe.validation=-1", "probe.validation"),
+        ("compare", "probe.validation=10 probe.augment=true", "probe.augment=false"),
         ("compare", "probe.augmentation.affine.degrees=-1", "probe.augmentation.affine.degrees"),
         ("compare", "probe.augmentation.erase.p=2", "probe.augmentation.erase.p"),
         ("compare", "optimizers.sgd.lr=0", "optimizer sgd"),
@@ -206,7 +227,7 @@ def test_user_mistake_is_one_line_exit_2_and_leaves_no_run_dir(tmp_path):
 )
 def test_invalid_configs_are_refused_before_any_work(name, override, message):
     with pytest.raises(ConfigError, match=message):  # by the schema, or by the check
-        check_eval(compose_cfg(name, ["checkpoint=raw", *DATA, override]))
+        check_eval(compose_cfg(name, ["checkpoint=raw", *DATA, *override.split()]))
 
 
 def test_missing_checkpoint_value_is_a_config_error():

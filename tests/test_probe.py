@@ -17,6 +17,7 @@ from moco.eval.probe import (
     assert_unchanged,
     cached_batches,
     fit_normaliser,
+    hold_out,
     topk_accuracy,
     train_linear_probe,
     weights_snapshot,
@@ -193,3 +194,28 @@ def test_bad_checkpoints_fail_with_one_line_and_no_pickle_runs(tmp_path):
     with pytest.raises(DataError, match="would execute code"):
         load_encoder(str(tmp_path / "evil_zip.ckpt"), DATA, RANDOM)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_hold_out_splits_the_rows_in_two_and_repeats_for_a_seed():
+    x, y = features(100)
+    (rest_x, rest_y), (held_x, held_y) = hold_out(x, y, 30, seed=0)
+    assert len(held_x) == len(held_y) == 30 and len(rest_x) == len(rest_y) == 70
+    rows = {tuple(r.tolist()) for r in torch.cat([rest_x, held_x])}
+    assert rows == {tuple(r.tolist()) for r in x}  # every row once, in one part or the other
+    assert torch.equal(hold_out(x, y, 30, seed=0)[1][0], held_x)
+    assert not torch.equal(hold_out(x, y, 30, seed=1)[1][0], held_x)
+    with pytest.raises(ValueError, match="cannot hold out"):
+        hold_out(x, y, 100, seed=0)
+
+
+def test_standardize_uses_the_training_statistics_of_each_dimension():
+    x, _ = features(500)
+    x[:, 3] = 7.0  # a dead dimension: no variance
+    normalise = fit_normaliser("standardize", x)
+    z = normalise(x)
+    live = [d for d in range(x.shape[1]) if d != 3]
+    assert torch.allclose(z[:, live].mean(0), torch.zeros(len(live)), atol=1e-5)
+    assert torch.allclose(z[:, live].std(0), torch.ones(len(live)), atol=1e-5)
+    assert torch.equal(z[:, 3], torch.zeros(len(x)))
+    shifted = normalise(x + 1.0)  # other data: the training statistics, not its own
+    assert torch.allclose(shifted[:, live].mean(0), 1.0 / x[:, live].std(0), atol=1e-4)

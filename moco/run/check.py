@@ -339,6 +339,11 @@ def check_eval(cfg: DictConfig) -> None:
         p = cfg.probe
         require(p.epochs >= 1, f"probe.epochs={p.epochs} must be >= 1")
         require(p.batch_size >= 1, f"probe.batch_size={p.batch_size} must be >= 1")
+        require(p.validation >= 0, f"probe.validation={p.validation} must be >= 0 (0: none)")
+        require(
+            not (p.validation and p.augment),
+            "probe.validation holds out cached features: use it with probe.augment=false",
+        )
         _check_view("probe.augmentation", p.augmentation)
         for name, opt in optimizers(cfg).items():
             try:

@@ -40,6 +40,7 @@ class ProbeConfig:
     augment: bool = MISSING
     augmentation: ViewConfig = MISSING
     seed: int = MISSING
+    validation: int = MISSING
     threads: int | None = MISSING
     lr_by_optimizer: dict[str, float] = MISSING
 

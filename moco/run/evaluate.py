@@ -25,6 +25,7 @@ from moco.eval.probe import (
     assert_unchanged,
     cached_batches,
     fit_normaliser,
+    hold_out,
     topk_accuracy,
     torch_threads,
     train_linear_probe,
@@ -186,16 +187,21 @@ def _probe_one(
 ) -> tuple[dict, np.ndarray]:
     """Train and test one linear layer; then make sure the encoder did not change."""
     p = cfg.probe
-    normalise = fit_normaliser(
-        p.normalize, prep.train[0]
-    )  # statistics of un-augmented train features
+    train, held = prep.train, None
+    if p.validation:  # the same rows for every probe seed: they follow the features' seed
+        require(
+            p.validation < len(train[0]),
+            f"probe.validation={p.validation} must be below the {len(train[0])} training images",
+        )
+        train, held = hold_out(*prep.train, p.validation, cfg.features.seed)
+    normalise = fit_normaliser(p.normalize, train[0])  # statistics of un-augmented train features
     test_x = normalise(prep.test[0])
     if augment:  # the encoder runs in every step: it keeps all threads
         batches, steps_per_epoch = _augmented_batches(cfg, prep, normalise)
         threads = None
     else:
-        train_x = normalise(prep.train[0])
-        batches = cached_batches(train_x, prep.train[1], p.batch_size, p.seed)
+        train_x = normalise(train[0])
+        batches = cached_batches(train_x, train[1], p.batch_size, p.seed)
         steps_per_epoch = -(-len(train_x) // p.batch_size)
         threads = p.threads
     start = time.perf_counter()
@@ -213,6 +219,9 @@ def _probe_one(
         )
     seconds = time.perf_counter() - start
     accuracy = topk_accuracy(linear, test_x, prep.test[1])
+    if held is not None:
+        validation = topk_accuracy(linear, normalise(held[0]), held[1])
+        accuracy.update({f"val_{k}": v for k, v in validation.items()})
     assert_unchanged(prep.model, prep.snapshot)
     final = losses[-steps_per_epoch:].mean().item()  # mean over the last epoch
     return {
@@ -270,7 +279,8 @@ def run_probe(cfg: DictConfig, out_dir: Path) -> dict:
     print(
         f"Linear probe of {summary['checkpoint']} on {cfg.data.name}, {name} lr {row['lr']:g}, "
         f"{cfg.probe.epochs} epochs: top-1 {row['top1']:.2f}%, top-5 {row['top5']:.2f}%, "
-        f"final loss {row['final_loss']:.4f}, {row['seconds']:.1f} s "
+        + (f"validation top-1 {row['val_top1']:.2f}%, " if "val_top1" in row else "")
+        + f"final loss {row['final_loss']:.4f}, {row['seconds']:.1f} s "
         f"(features {prep.seconds:.1f} s); encoder unchanged"
     )
     return summary
