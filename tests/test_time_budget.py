@@ -8,12 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import TINY_RUN
+from omegaconf import OmegaConf
 
 from moco.errors import ConfigError
 from moco.optim.scheduled import scheduled_optimizer
 from moco.optim.schedules import lr_factor
 from moco.run.check import check_pretrain
-from moco.run.time_budget import TimeBudget, planned_epochs
+from moco.run.time_budget import TimeBudget, growth_window, planned_epochs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,17 +68,46 @@ def test_the_plan_sets_max_epochs_and_a_resumed_run_keeps_it():
     assert trainer.fit_loop.max_epochs == 30
 
 
-def test_a_plan_never_grows_so_the_schedules_never_go_back():
+def test_a_plan_grows_in_the_first_half_only():
     clock = SimpleNamespace(seconds=200.0)  # a slow first epoch: 18 epochs fit
     budget, trainer = TimeBudget(60, 40, clock), _trainer()
     budget.on_train_epoch_end(trainer, _Module())
     assert trainer.fit_loop.max_epochs == 18
-    clock.seconds, trainer.current_epoch = 300.0, 1  # then a fast one: 24 would fit
+    clock.seconds, trainer.current_epoch = 300.0, 1  # then a fast one: 24 fit, 2 of 18 done
     budget.on_train_epoch_end(trainer, _Module())
-    assert trainer.fit_loop.max_epochs == 18
-    clock.seconds, trainer.current_epoch = 800.0, 2  # a slow one: 13 fit
+    assert trainer.fit_loop.max_epochs == 24
+    clock.seconds, trainer.current_epoch = 1500.0, 11  # 12 of 24 done: the second half
     budget.on_train_epoch_end(trainer, _Module())
-    assert trainer.fit_loop.max_epochs == 13
+    assert trainer.fit_loop.max_epochs == 24  # 28 would fit, but the cosine is half done
+    clock.seconds, trainer.current_epoch = 2600.0, 12  # a slow one: 18 fit
+    budget.on_train_epoch_end(trainer, _Module())
+    assert trainer.fit_loop.max_epochs == 18  # shrinking is always allowed
+
+
+@pytest.mark.parametrize(
+    "scheduler,window",
+    [
+        ({"name": "cosine"}, 0.5),
+        ({"name": "constant"}, 0.5),
+        ({"name": "step", "milestones": [0.6, 0.8]}, 0.5),  # MoCo v1's
+        ({"name": "step", "milestones": [0.3, 0.8]}, 0.3),
+    ],
+)
+def test_the_growth_window_ends_before_the_first_drop(scheduler, window):
+    assert growth_window(OmegaConf.create(scheduler)) == window
+
+
+def test_a_plan_that_grows_in_its_window_undoes_no_lr_drop():
+    scheduler = {"name": "step", "milestones": [0.3, 0.8]}
+    window, steps_per_epoch = growth_window(OmegaConf.create(scheduler)), 10
+    for planned in range(2, 30):
+        for done in range(1, planned):
+            if done >= window * planned:
+                continue  # outside the window the plan cannot grow
+            step = done * steps_per_epoch
+            before = lr_factor(step, planned * steps_per_epoch, "step", 0, scheduler["milestones"])
+            after = lr_factor(step, 40 * steps_per_epoch, "step", 0, scheduler["milestones"])
+            assert before == after == 1.0  # no drop had happened, none is undone
 
 
 def test_a_run_resumed_with_another_budget_or_bound_plans_afresh():

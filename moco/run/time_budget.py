@@ -6,8 +6,11 @@ the run plans its length after every epoch from the training time spent so far (
 holds, never more than ``trainer.max_epochs``. The lr and momentum schedules read the run's
 length every step (``moco.optim.scheduled``), so the cosine ends at the last planned epoch.
 
-A plan only ever shrinks: a longer one would move the schedules back (a step schedule's drop
-undone, a cosine rising again), so epochs that run faster than the first ones are not used.
+A plan may grow only early in the run, while fewer than ``growth_window`` of its planned epochs
+are done: half of them, or fewer if a step schedule drops the lr sooner. There a longer run lifts
+the lr by a hair (a 24-epoch cosine made 25 after epoch 6 rises by about 1%) and undoes no drop.
+Later a plan only shrinks, as growing it would lift a cosine that is nearly done. So a slow first
+epoch, or a minute that another job took, does not cut the whole run short.
 
 The plan is made on rank 0 and broadcast, so all processes stop after the same epoch. It travels
 in the checkpoints with the budget it was made for: a run resumed with the same budget and bound
@@ -31,6 +34,15 @@ def planned_epochs(done: int, spent_s: float, budget_s: float, most: int) -> int
     return max(done, min(done + more, most))
 
 
+def growth_window(scheduler_cfg) -> float:
+    """The share of a plan's epochs before which it may still grow: half, or the first milestone
+    of a step schedule if that comes earlier (a later end must not undo a drop)."""
+    milestones = []
+    if scheduler_cfg.name == "step":
+        milestones = list(scheduler_cfg.get("milestones") or [])
+    return min([0.5, *milestones])
+
+
 class TimeBudget(pl.Callback):
     """Sets the Trainer's ``max_epochs`` at the end of every epoch (see the module's docstring),
     to at most ``most_epochs`` (the config's ``trainer.max_epochs``).
@@ -39,8 +51,11 @@ class TimeBudget(pl.Callback):
     Trainer's list so that it has counted the epoch.
     """
 
-    def __init__(self, minutes: float, most_epochs: int, clock: TrainingClock) -> None:
+    def __init__(
+        self, minutes: float, most_epochs: int, clock: TrainingClock, growth_window: float = 0.5
+    ) -> None:
         self.budget_s, self.most_epochs, self.clock = 60.0 * minutes, most_epochs, clock
+        self.growth_window = growth_window
         self.planned: int | None = None  # None until the first epoch has ended
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -49,10 +64,9 @@ class TimeBudget(pl.Callback):
             trainer.fit_loop.max_epochs = self.planned
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        plan = planned_epochs(
-            trainer.current_epoch + 1, self.clock.seconds, self.budget_s, self.most_epochs
-        )
-        if self.planned is not None:
+        done = trainer.current_epoch + 1
+        plan = planned_epochs(done, self.clock.seconds, self.budget_s, self.most_epochs)
+        if self.planned is not None and done >= self.growth_window * self.planned:
             plan = min(plan, self.planned)
         plan = trainer.strategy.broadcast(plan, src=0)
         if plan != self.planned and trainer.is_global_zero:

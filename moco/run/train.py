@@ -22,7 +22,7 @@ from moco.run.hardware import configure_malloc, precision_for
 from moco.run.loggers import make_loggers
 from moco.run.metrics_log import MetricsAcrossResume, carry_over_metrics
 from moco.run.skipped_images import ReportSkippedImages
-from moco.run.time_budget import TimeBudget
+from moco.run.time_budget import TimeBudget, growth_window
 from moco.run.training_clock import TrainingClock
 from moco.run.warm_start import warm_start
 from moco.run.within_epoch import WithinEpochCheckpoints
@@ -117,7 +117,8 @@ def pretrain(cfg: DictConfig, run_dir: Path) -> Path | None:
     summary = RunSummary(_run_facts(cfg, run_dir))
     clock = TrainingClock()
     budget = cfg.get("time_budget_minutes")
-    planner = [TimeBudget(budget, cfg.trainer.max_epochs, clock)] if budget else []
+    window = growth_window(cfg.scheduler)
+    planner = [TimeBudget(budget, cfg.trainer.max_epochs, clock, window)] if budget else []
     trainer = pl.Trainer(
         **_trainer_args(cfg),
         default_root_dir=run_dir,
