@@ -219,3 +219,4 @@ def test_standardize_uses_the_training_statistics_of_each_dimension():
     assert torch.equal(z[:, 3], torch.zeros(len(x)))
     shifted = normalise(x + 1.0)  # other data: the training statistics, not its own
     assert torch.allclose(shifted[:, live].mean(0), 1.0 / x[:, live].std(0), atol=1e-4)
+    assert torch.equal(shifted[:, 3], torch.ones(len(x)))  # the dead one is only centred
