@@ -168,6 +168,20 @@ def test_linear_probe_reports_a_held_out_validation_split(tmp_path):
     assert f"validation top-1 {summary['val_top1']:.2f}%" in proc.stdout
 
 
+def test_linear_probe_refuses_to_hold_out_every_training_image(tmp_path):
+    out, proc = run(
+        "linear_probe",
+        tmp_path,
+        "checkpoint=raw",
+        *DATA,
+        "probe.validation=100",  # all 100 training images of DATA: none left to train on
+        "features.cache_dir=null",
+        expect=2,
+    )
+    assert proc.stderr.startswith("error: probe.validation=100 cannot be held out of 100")
+    assert proc.stderr.strip().count("\n") == 0 and not out.exists()
+
+
 def test_compare_optimizers_on_raw_pixels(tmp_path):
     out, proc = run(
         "compare_optimizers",

@@ -204,7 +204,7 @@ def test_hold_out_splits_the_rows_in_two_and_repeats_for_a_seed():
     assert rows == {tuple(r.tolist()) for r in x}  # every row once, in one part or the other
     assert torch.equal(hold_out(x, y, 30, seed=0)[1][0], held_x)
     assert not torch.equal(hold_out(x, y, 30, seed=1)[1][0], held_x)
-    with pytest.raises(ValueError, match="cannot hold out"):
+    with pytest.raises(ConfigError, match="probe.validation=100 cannot be held out of 100"):
         hold_out(x, y, 100, seed=0)
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import trange
 
+from moco.errors import ConfigError
 from moco.optim.scheduled import scheduled_optimizer
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # one epoch of (x: N x D, y: N)
@@ -71,7 +72,10 @@ def hold_out(
     """``(rest, held_out)``: ``count`` rows drawn at random (by ``seed``) for validation, apart
     from the rows the probe trains on, so its settings can be chosen without the test split."""
     if not 0 < count < len(features):
-        raise ValueError(f"cannot hold out {count} of {len(features)} training features")
+        raise ConfigError(
+            f"probe.validation={count} cannot be held out of {len(features)} training images: "
+            f"use 1 to {len(features) - 1}"
+        )
     order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))
     rest, held = order[count:], order[:count]
     return (features[rest], labels[rest]), (features[held], labels[held])

@@ -189,10 +189,6 @@ def _probe_one(
     p = cfg.probe
     train, held = prep.train, None
     if p.validation:  # the same rows for every probe seed: they follow the features' seed
-        require(
-            p.validation < len(train[0]),
-            f"probe.validation={p.validation} must be below the {len(train[0])} training images",
-        )
         train, held = hold_out(*prep.train, p.validation, cfg.features.seed)
     normalise = fit_normaliser(p.normalize, train[0])  # statistics of un-augmented train features
     test_x = normalise(prep.test[0])
