@@ -77,7 +77,7 @@ class MoCo(TrainingModule):
 
     # ----------------------------------------------------------------------------- training
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        (view_q, view_k), _ = batch
+        (view_q, view_k, *small_crops), _ = batch
         hp = self.hparams
         # Update the key encoder before encoding keys, so this step's keys come from the
         # encoder that includes the last optimizer step (Algorithm 1 of the paper).
@@ -86,6 +86,8 @@ class MoCo(TrainingModule):
         # enqueue writes the buffer in place while the logits still need it for backward.
         negatives = self.queue.keys.clone()  # K x C
         loss, logits, keys = self.contrast(view_q, view_k, negatives)
+        if small_crops:
+            loss = self.with_small_crops(loss, small_crops, keys, negatives)
         if hp.symmetric:
             loss_21, _, keys_21 = self.contrast(view_k, view_q, negatives)
             loss = loss + loss_21
@@ -106,6 +108,15 @@ class MoCo(TrainingModule):
             k = F.normalize(self._encode_keys(im_k), dim=1)  # N x C
         loss, logits = info_nce(q, k, negatives, self.hparams.temperature)  # logits: N x (1+K)
         return loss, logits, k
+
+    def with_small_crops(self, loss, small_crops, keys, negatives) -> torch.Tensor:
+        """``loss`` of the first view's queries averaged with that of the small crops (m crops of
+        each image, each a query against the image's key), every query weighing the same. The
+        small crops share one pass through the query encoder; they never become keys."""
+        m = len(small_crops)
+        q = F.normalize(self.encoder_q(torch.cat(small_crops)), dim=1)  # mN x C
+        crops_loss, _ = info_nce(q, keys.repeat(m, 1), negatives, self.hparams.temperature)
+        return (loss + m * crops_loss) / (1 + m)
 
     def _encode_keys(self, im_k):
         # Shuffling only matters when BatchNorm sees groups smaller than the global batch:

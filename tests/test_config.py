@@ -162,6 +162,9 @@ def assert_rejected(make_cfg, *fragments: str) -> str:
         (["augment.second_view={blur: {size: 3}}"], ["augment.second_view.blur.size"]),
         (["augment.second_view.solarize_p=abc"], ["augment.second_view.solarize_p"]),
         (["augment.second_view={blur: {p: -0.1}}"], ["augment.second_view.blur.p=-0.1"]),
+        (["augment.small_crops.count=-1"], ["augment.small_crops.count=-1", ">= 0"]),
+        (["augment.small_crops.size=0"], ["augment.small_crops.size=0", ">= 1"]),
+        (["augment.small_crops.scale=[0.5,0.2]"], ["augment.small_crops.scale", "low <= high"]),
         (["scheduler.name=poly"], ["scheduler.name"]),
         (["data.batch_size=0"], ["data.batch_size"]),
         (["optimizer.lr=0"], ["optimizer.lr"]),
@@ -192,6 +195,7 @@ def test_the_second_view_can_set_every_value_of_a_view_and_nothing_else():
         ["augment.batched=true"],
         ["augment.second_view={flip_p: 0.0}"],
         ["augment.second_view.solarize_p=0.3"],
+        ["augment.small_crops.count=2", "augment.small_crops.scale=[1.0,1.0]"],
         ["trainer.max_epochs=-1", "trainer.max_steps=100"],
     ],
 )
@@ -335,6 +339,10 @@ INTENDED = {
     **{(name, "augment.affine.degrees"): ("<absent>", "0.0") for name in BEFORE},
     **{(name, "augment.affine.translate"): ("<absent>", "0.0") for name in BEFORE},
     **{(name, "augment.affine.scale"): ("<absent>", "[1.0, 1.0]") for name in BEFORE},
+    # Small crops, added later, none.
+    **{(name, "augment.small_crops.count"): ("<absent>", "0") for name in BEFORE},
+    **{(name, "augment.small_crops.size"): ("<absent>", "14") for name in BEFORE},
+    **{(name, "augment.small_crops.scale"): ("<absent>", "[0.2, 0.5]") for name in BEFORE},
     # MoCo v2 tuned again (docs/results.md): 4x the lr with a warm-up epoch, mild crops with
     # erasing, the weight decay of the MoCo CIFAR demo.
     ("moco_v2", "augment.crop_scale"): ("[0.4, 1.0]", "[0.85, 1.0]"),

@@ -13,7 +13,8 @@ normalisation, so that an erased rectangle holds the data set's mean.
 
 Both views follow one recipe unless ``augment.second_view`` changes some of its values for the
 second: MoCo v3's views are asymmetric (BYOL's recipe: blur always on the first, rarely on the
-second, solarisation on the second only).
+second, solarisation on the second only). ``augment.small_crops`` adds smaller, lower-resolution
+crops after the first view's recipe (``small_crop_recipe``), each one more query of the image.
 """
 
 import torch
@@ -35,6 +36,13 @@ def view_recipes(aug_cfg) -> tuple:
     if not changes:
         return aug_cfg, aug_cfg
     return aug_cfg, OmegaConf.merge(aug_cfg, changes)
+
+
+def small_crop_recipe(aug_cfg):
+    """The recipe of the small crops: the first view's, with the crop scale of
+    ``aug_cfg.small_crops`` and no erasing (a small crop already leaves most of the item out)."""
+    first, _ = view_recipes(aug_cfg)
+    return OmegaConf.merge(first, {"crop_scale": aug_cfg.small_crops.scale, "erase": {"p": 0.0}})
 
 
 def _values_set(node) -> dict:

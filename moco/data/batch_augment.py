@@ -33,6 +33,7 @@ from moco.data.augment import (
     blur_kernel_size,
     colour_strengths,
     mean_and_std,
+    small_crop_recipe,
     view_recipes,
 )
 
@@ -256,10 +257,11 @@ def solarize(images: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- the view
 class BatchAugment:
     """One random view of every image of a uint8 batch (n x C x H x W), as a normalised float
-    batch of ``data_cfg.image_size`` px, after one view's recipe (``two_views`` for both)."""
+    batch of ``size`` px (default ``data_cfg.image_size``), after one view's recipe
+    (``pretrain_views`` for all views of pretraining)."""
 
-    def __init__(self, aug_cfg, data_cfg) -> None:
-        self.size, self.channels = data_cfg.image_size, data_cfg.channels
+    def __init__(self, aug_cfg, data_cfg, size: int | None = None) -> None:
+        self.size, self.channels = size or data_cfg.image_size, data_cfg.channels
         self.scale = tuple(aug_cfg.crop_scale)
         move = aug_cfg.affine
         self.affine_p, self.degrees, self.translate = move.p, move.degrees, move.translate
@@ -362,3 +364,11 @@ def two_views(aug_cfg, data_cfg) -> tuple[BatchAugment, BatchAugment]:
     first, second = view_recipes(aug_cfg)
     one = BatchAugment(first, data_cfg)
     return one, (one if second is first else BatchAugment(second, data_cfg))
+
+
+def pretrain_views(aug_cfg, data_cfg) -> tuple[BatchAugment, ...]:
+    """The batched recipes of every view of a pretraining step: the two views, then
+    ``augment.small_crops.count`` small crops (each draws its own random choices)."""
+    small = aug_cfg.small_crops
+    crops = (BatchAugment(small_crop_recipe(aug_cfg), data_cfg, small.size),) if small.count else ()
+    return two_views(aug_cfg, data_cfg) + crops * small.count

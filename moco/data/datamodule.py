@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from moco.data.augment import TwoViews, pretrain_transform, view_recipes
-from moco.data.batch_augment import BatchAugment, two_views
+from moco.data.batch_augment import BatchAugment, pretrain_views
 from moco.data.datasets import TensorImages, load_dataset
 from moco.data.sampler import EpochSampler, SeededSamples
 from moco.errors import ConfigError
@@ -23,7 +23,8 @@ def _leave_stop_signals_to_training(worker_id: int) -> None:
 
 
 class PretrainDataModule(pl.LightningDataModule):
-    """Batches of ``((view_q, view_k), labels)`` from the pretraining split of ``data_cfg``.
+    """Batches of ``((view_q, view_k, *small_crops), labels)`` from the pretraining split of
+    ``data_cfg`` (``augment.small_crops.count`` small crops, none by default).
 
     Two ways to make the views (``augment.batched``): per image with torchvision in the loader
     workers, or for the whole batch at once on the training device (moco/data/batch_augment.py),
@@ -38,7 +39,7 @@ class PretrainDataModule(pl.LightningDataModule):
         super().__init__()
         self.data_cfg, self.augment_cfg, self.seed = data_cfg, augment_cfg, seed
         self.dataset = None
-        self.batch_views: tuple[BatchAugment, BatchAugment] | None = None
+        self.batch_views: tuple[BatchAugment, ...] | None = None
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
 
     def setup(self, stage: str | None = None) -> None:
@@ -46,7 +47,7 @@ class PretrainDataModule(pl.LightningDataModule):
             return
         self.dataset = load_dataset(self.data_cfg, "pretrain")
         if self._batched():
-            self.batch_views = two_views(self.augment_cfg, self.data_cfg)
+            self.batch_views = pretrain_views(self.augment_cfg, self.data_cfg)
         else:
             first, second = view_recipes(self.augment_cfg)
             self.dataset.transform = TwoViews(
@@ -59,6 +60,12 @@ class PretrainDataModule(pl.LightningDataModule):
         same_size = isinstance(self.dataset, TensorImages) and tuple(
             self.dataset.images.shape[-2:]
         ) == (size, size)
+        small_crops = self.augment_cfg.small_crops.count
+        if small_crops and not (choice in ("auto", True) and same_size):
+            raise ConfigError(
+                f"augment.small_crops.count={small_crops} needs the batched views: in-memory "
+                f"images of data.image_size={size} px and augment.batched=auto or true"
+            )
         if choice == "auto":
             return same_size
         if choice and not same_size:

@@ -170,6 +170,11 @@ def check_pretrain(cfg: DictConfig) -> None:
     for key in ("every_n_steps", "every_minutes"):
         value = cfg.checkpoint[key]
         require(value >= 0, f"{setting(f'checkpoint.{key}', value)} must be >= 0 (0: off)")
+    require(
+        cfg.augment.small_crops.count == 0 or "queue_size" in model,
+        f"{setting('augment.small_crops.count', cfg.augment.small_crops.count)} adds queries "
+        "against MoCo v1/v2's queue: this model has none, use augment.small_crops.count=0",
+    )
     if "queue_size" in model:  # MoCo v1/v2; the supervised reference has no MoCo keys to check
         _check_moco(model, data, trainer)
     elif "mlp_dim" in model:  # MoCo v3: no queue, no BN splits
@@ -188,6 +193,11 @@ def _check_augment(augment: DictConfig) -> None:
     first, second = view_recipes(augment)
     for where, recipe in (("augment", first), ("augment.second_view", second)):
         _check_view(where, recipe)
+    small = augment.small_crops
+    count, size = setting("augment.small_crops.count", small.count), small.size
+    require(small.count >= 0, f"{count} must be >= 0 (0: no small crops)")
+    require(size >= 1, f"{setting('augment.small_crops.size', size)} must be >= 1 px")
+    _check_pair("augment.small_crops.scale", small.scale, "area fractions", high=1)
 
 
 def _check_view(where: str, recipe: DictConfig) -> None:

@@ -169,13 +169,25 @@ class ViewChanges:
 
 
 @dataclass
+class SmallCropsConfig:
+    """Extra queries per image (SwAV's multi-crop): ``count`` crops of ``scale`` of the area,
+    resized to ``size`` px, after the first view's recipe without erasing; each is contrasted
+    with the image's key. 0: none, the two views of the papers."""
+
+    count: int = 0
+    size: int = 14
+    scale: list[float] = field(default_factory=lambda: [0.2, 0.5])
+
+
+@dataclass
 class AugmentConfig(ViewConfig):
-    """The first view's recipe, what the second changes (moco.data.augment.view_recipes), and
-    where the views are made."""
+    """The first view's recipe, what the second changes (moco.data.augment.view_recipes), the
+    small crops, and where the views are made."""
 
     name: str = "custom"
     batched: Any = "auto"  # auto, true or false (moco.run.check)
     second_view: ViewChanges = field(default_factory=ViewChanges)
+    small_crops: SmallCropsConfig = field(default_factory=SmallCropsConfig)
 
 
 @dataclass
