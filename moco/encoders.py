@@ -8,6 +8,7 @@ slot (a ResNet's ``fc``), as the official code does, so its keys are the network
 """
 
 import copy
+import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 from functools import partial
@@ -52,6 +53,16 @@ def resolve_stem(stem: str, image_size: int) -> str:
     if stem != "auto":
         return stem
     return "small" if image_size <= SMALL_IMAGE_MAX_SIZE else "imagenet"
+
+
+def strided_block_inputs(stem: str, image_size: int) -> list[int]:
+    """The side of the maps entering layer2, layer3 and layer4 of a ResNet, each of which starts
+    with a 3x3 stride-2 convolution (padding 1, so ceil(side / 2) comes out)."""
+    halvings = {"small": 0, "small_pool": 1, "imagenet": 2}[resolve_stem(stem, image_size)]
+    side = image_size
+    for _ in range(halvings):
+        side = math.ceil(side / 2)
+    return [side, math.ceil(side / 2), math.ceil(side / 4)]
 
 
 def build_backbone(

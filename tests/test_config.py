@@ -341,7 +341,7 @@ INTENDED = {
     **{(name, "augment.affine.scale"): ("<absent>", "[1.0, 1.0]") for name in BEFORE},
     # Small crops, added later, none.
     **{(name, "augment.small_crops.count"): ("<absent>", "0") for name in BEFORE},
-    **{(name, "augment.small_crops.size"): ("<absent>", "14") for name in BEFORE},
+    **{(name, "augment.small_crops.size"): ("<absent>", "18") for name in BEFORE},
     **{(name, "augment.small_crops.scale"): ("<absent>", "[0.2, 0.5]") for name in BEFORE},
     # MoCo v2 tuned again (docs/results.md): 4x the lr with a warm-up epoch, mild crops with
     # erasing, the weight decay of the MoCo CIFAR demo.

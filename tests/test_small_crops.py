@@ -7,12 +7,13 @@ from omegaconf import OmegaConf
 
 from moco.data.augment import small_crop_recipe
 from moco.data.datamodule import PretrainDataModule
+from moco.encoders import build_backbone, strided_block_inputs
 from moco.errors import ConfigError
 from moco.run.check import check_pretrain
 from tests.test_momentum import images, perturb, reference_loss, shuffled_keys
 from tests.test_pretrain_script import TINY_RUN, epoch_losses, run_pretrain
 
-SMALL = ("augment.small_crops.count=2", "augment.small_crops.size=4")
+SMALL = ("augment.small_crops.count=2", "augment.small_crops.size=6")
 
 
 def test_each_small_crop_is_a_query_against_its_images_key(tiny_moco):
@@ -62,10 +63,10 @@ def test_the_datamodule_hands_over_both_views_then_the_small_crops(tiny_cfg):
     cfg = tiny_cfg(*SMALL)
     dm = PretrainDataModule(cfg.data, cfg.augment)
     dm.setup("fit")
-    assert [view.size for view in dm.batch_views] == [8, 8, 4, 4]
+    assert [view.size for view in dm.batch_views] == [8, 8, 6, 6]
     batch = next(iter(dm.train_dataloader()))
     views, labels = dm.on_after_batch_transfer(batch, 0)
-    assert [tuple(v.shape) for v in views] == [(8, 3, 8, 8)] * 2 + [(8, 3, 4, 4)] * 2
+    assert [tuple(v.shape) for v in views] == [(8, 3, 8, 8)] * 2 + [(8, 3, 6, 6)] * 2
     assert not torch.equal(views[2], views[3])  # each crop draws its own boxes
     assert labels.shape == (8,)
 
@@ -91,3 +92,29 @@ def test_a_run_with_small_crops_trains_and_lowers_the_loss(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     losses = epoch_losses(run_dir / "logs" / "metrics.csv")
     assert len(losses) == 2 and losses[1] < losses[0], losses
+
+
+@pytest.mark.parametrize(
+    ("stem", "size", "sides"),
+    [("imagenet", 28, [7, 4, 2]), ("imagenet", 14, [4, 2, 1]), ("imagenet", 18, [5, 3, 2]),
+     ("small_pool", 28, [14, 7, 4]), ("small", 8, [8, 4, 2])],
+)  # fmt: skip
+def test_the_maps_entering_the_strided_resnet_blocks(stem, size, sides):
+    assert strided_block_inputs(stem, size) == sides
+    net = build_backbone("resnet18", 3, size, stem=stem).eval()
+    seen = []
+    for layer in (net.layer2, net.layer3, net.layer4):
+        layer.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[-1]))
+    net(torch.zeros(1, 3, size, size))
+    assert seen == sides
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32"])
+def test_small_crops_that_shrink_to_one_pixel_are_refused_in_bf16_on_a_cpu(compose, precision):
+    cfg = compose(["+experiment=moco_v2", *SMALL[:1], "augment.small_crops.size=14",
+                   f"trainer.precision={precision}", "trainer.accelerator=cpu"])  # fmt: skip
+    if precision == "32":
+        check_pretrain(cfg)
+        return
+    with pytest.raises(ConfigError, match=r"size=14 px leaves 1x1 maps.*size=17 or more"):
+        check_pretrain(cfg)

@@ -7,6 +7,7 @@ and the rules that span several keys. Every failure is one ``ConfigError`` line.
 """
 
 import dataclasses
+import itertools
 import typing
 from enum import Enum
 from types import UnionType
@@ -16,9 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from moco.data.augment import probabilities, view_recipes
+from moco.encoders import BACKBONES, resolve_stem, strided_block_inputs
 from moco.errors import ConfigError
 from moco.model import queue_too_small
 from moco.optim import PRETRAINING_ONLY
+from moco.run.hardware import precision_for, uses_cuda
 from moco.run.loggers import check_loggers
 
 PRECISIONS = (
@@ -141,6 +144,7 @@ def check_pretrain(cfg: DictConfig) -> None:
     resolved(cfg)
     data, model, trainer = cfg.data, cfg.model, cfg.trainer
     _check_augment(cfg.augment)
+    _check_bf16_one_pixel_maps(cfg)
     require(data.batch_size >= 1, f"{setting('data.batch_size', data.batch_size)} must be >= 1")
     require(data.num_workers >= 0, f"{setting('data.num_workers', data.num_workers)} must be >= 0")
     require(cfg.optimizer.lr > 0, f"{setting('optimizer.lr', cfg.optimizer.lr)} must be > 0")
@@ -198,6 +202,30 @@ def _check_augment(augment: DictConfig) -> None:
     require(small.count >= 0, f"{count} must be >= 0 (0: no small crops)")
     require(size >= 1, f"{setting('augment.small_crops.size', size)} must be >= 1 px")
     _check_pair("augment.small_crops.scale", small.scale, "area fractions", high=1)
+
+
+def _check_bf16_one_pixel_maps(cfg: DictConfig) -> None:
+    """torch's bf16 convolution on CPUs returns a weight gradient with NaNs, in about a third of
+    the steps, for a 3x3 stride-2 convolution over a 1x1 map (torch 2.14; docs/speed.md). A
+    ResNet has three such convolutions, so images or small crops that shrink to 1x1 before one
+    would stop the run within its first steps."""
+    model = cfg.model
+    if cfg.backbone.name not in BACKBONES or uses_cuda(cfg.trainer.accelerator):
+        return
+    if precision_for(cfg) != "bf16-mixed":
+        return
+    stem = resolve_stem(model.stem, model.image_size)
+    sizes = {"data.image_size": model.image_size}
+    if cfg.augment.small_crops.count:
+        sizes["augment.small_crops.size"] = cfg.augment.small_crops.size
+    for key, size in sizes.items():
+        smallest = next(s for s in itertools.count(size) if min(strided_block_inputs(stem, s)) > 1)
+        require(
+            smallest == size,
+            f"{setting(key, size)} px leaves 1x1 maps in the {stem} stem's ResNet, whose "
+            f"gradients come out NaN in bf16 on a CPU: use {key}={smallest} or more, or "
+            "trainer.precision=32",
+        )
 
 
 def _check_view(where: str, recipe: DictConfig) -> None:

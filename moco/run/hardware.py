@@ -22,6 +22,11 @@ def cpu_has_fast_bf16() -> bool:
     return cpu_bf16_kind() is not None
 
 
+def uses_cuda(accelerator: str) -> bool:
+    """Whether Lightning's ``accelerator`` runs on a CUDA GPU on this machine."""
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def resolve_precision(
     precision: str | int, accelerator: str, stem: str = "auto", image_size: int = 224
 ) -> str:
@@ -35,10 +40,7 @@ def resolve_precision(
     """
     if str(precision) != "auto":
         return str(precision)
-    uses_cuda = accelerator in ("gpu", "cuda") or (
-        accelerator == "auto" and torch.cuda.is_available()
-    )
-    if uses_cuda:
+    if uses_cuda(accelerator):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     if accelerator in ("cpu", "auto"):
         kind = cpu_bf16_kind()

@@ -175,7 +175,8 @@ class SmallCropsConfig:
     with the image's key. 0: none, the two views of the papers."""
 
     count: int = 0
-    size: int = 14
+    size: int = 18  # with the ImageNet stem, the smallest side that keeps every ResNet map
+    # above 1x1, which bf16 on CPUs needs (moco.run.check._check_bf16_one_pixel_maps)
     scale: list[float] = field(default_factory=lambda: [0.2, 0.5])
 
 
