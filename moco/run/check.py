@@ -212,7 +212,7 @@ def _check_bf16_one_pixel_maps(cfg: DictConfig) -> None:
     model = cfg.model
     if cfg.backbone.name not in BACKBONES or uses_cuda(cfg.trainer.accelerator):
         return
-    if precision_for(cfg) != "bf16-mixed":
+    if not precision_for(cfg).startswith("bf16"):  # bf16, bf16-mixed, bf16-true
         return
     stem = resolve_stem(model.stem, model.image_size)
     sizes = {"data.image_size": model.image_size}
