@@ -9,7 +9,7 @@
 
 Variants (moco/tools/benchmark/ says what each measures): floor, moco, official, loop (the
 configured data.num_workers), loop_w<n> (n workers), moco_noclone, moco_compiled, floor_nchw,
-levers. Each comma-separated list of --precision, --channels-last, --threads and --malloc
+levers. Each comma-separated list of --stem, --precision, --channels-last, --threads and --malloc
 makes one case per combination. Each measurement runs in a fresh process (peak memory: its
 ru_maxrss) unless --in-process; --interleave runs the step variants of a case in one process,
 a step of each in turn, which is what makes their ratios fair on a machine shared with other
@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from moco.encoders import STEMS
 from moco.errors import MocoUserError
 from moco.run.hardware import MALLOC_MODES
 from moco.tools.benchmark import MAIN_VARIANTS, Settings, run, validate_variant
@@ -39,6 +40,12 @@ def _on_off(text: str) -> bool:
     return text == "on"
 
 
+def _stem(text: str) -> str:
+    if text not in STEMS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(STEMS)}")
+    return text
+
+
 def _malloc(text: str) -> str:
     if text not in MALLOC_MODES:
         raise argparse.ArgumentTypeError(f"expected one of {', '.join(MALLOC_MODES)}")
@@ -48,7 +55,9 @@ def _malloc(text: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--stem", default="small", help="small, small_pool, imagenet or auto")
+    parser.add_argument(
+        "--stem", type=_list(_stem), default=["small"], help="small,small_pool,imagenet,auto"
+    )
     parser.add_argument("--data", default="fashion_mnist", help="a conf/data group")
     parser.add_argument("--image-size", type=int, help="default: the data config's")
     parser.add_argument("--channels", type=int, help="default: the data config's")
@@ -85,7 +94,7 @@ def main() -> None:
     cases = [
         Settings(
             backbone=args.backbone,
-            stem=args.stem,
+            stem=stem,
             data=args.data,
             image_size=args.image_size,
             channels=args.channels,
@@ -102,8 +111,8 @@ def main() -> None:
             malloc=malloc,
             overrides=tuple(args.override),
         )
-        for precision, channels_last, threads, malloc in itertools.product(
-            args.precision, args.channels_last, args.threads, args.malloc
+        for stem, precision, channels_last, threads, malloc in itertools.product(
+            args.stem, args.precision, args.channels_last, args.threads, args.malloc
         )
     ]
     try:

@@ -103,6 +103,24 @@ def test_a_bad_setting_is_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys
     assert not (tmp_path / "x.json").exists()
 
 
+def test_a_list_of_stems_makes_one_case_per_stem(tmp_path, monkeypatch):
+    out = tmp_path / "bench.json"
+    args = ["--stem", "small,small_pool", "--variants", "floor", "--in-process"]
+    run_script(*TINY, *args, "--json", str(out), monkeypatch=monkeypatch)
+    cases = json.loads(out.read_text())["cases"]
+    assert [case["settings"]["stem"] for case in cases] == ["small", "small_pool"]
+    assert all(positive_finite(case["results"]["floor"]["images_per_s"]) for case in cases)
+
+
+def test_an_unknown_stem_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(*TINY, "--stem", "small,tiny", "--json", str(tmp_path / "x.json"),
+                   monkeypatch=monkeypatch)  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "--stem" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_unknown_variant_is_refused(monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         run_script("--variants", "floor,warp_drive", monkeypatch=monkeypatch)
