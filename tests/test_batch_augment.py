@@ -24,6 +24,7 @@ from moco.data.batch_augment import (
     erase,
     erase_boxes,
     gaussian_blur,
+    on_chosen,
     solarize,
     two_views,
 )
@@ -191,6 +192,27 @@ def test_affine_equals_torchvision_affine_per_image():
         torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=0)
     # The opposite rotation is another image: the comparison above can fail.
     assert (affine(images, -angle, shift, zoom)[1] - out[1]).abs().max() > 0.1
+
+
+def test_on_chosen_runs_the_operation_on_the_chosen_rows_only():
+    torch.manual_seed(0)
+    images, zoom = torch.rand(6, 1, 12, 12), torch.tensor([0.8, 0.9, 1.0, 1.1, 1.2, 1.3])
+    angle, shift = torch.full((6,), 20.0), torch.tensor([[1.0, -1.0]]).repeat(6, 1)
+    chosen = torch.tensor([True, False, True, False, False, True])
+    seen = []
+
+    def move(rows, *params):
+        seen.append(len(rows))
+        return affine(rows, *params)
+
+    out = on_chosen(images, chosen, move, angle, shift, zoom)
+    assert seen == [3]
+    moved_all = affine(images, angle, shift, zoom)  # each row's move depends on its row alone
+    torch.testing.assert_close(out[chosen], moved_all[chosen], atol=1e-6, rtol=0)
+    assert torch.equal(out[~chosen], images[~chosen])
+    assert (out[chosen] - images[chosen]).abs().max() > 0.1  # the move changed them
+    nothing = torch.zeros(6, dtype=torch.bool)
+    assert on_chosen(images, nothing, move, angle, shift, zoom) is images and seen == [3]
 
 
 def test_affine_params_follow_torchvisions_distribution():

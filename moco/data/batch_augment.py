@@ -254,6 +254,16 @@ def solarize(images: torch.Tensor) -> torch.Tensor:
     return torch.where(images >= SOLARIZE_THRESHOLD, 1 - images, images)
 
 
+# ------------------------------------------------------------------ chosen images only
+def on_chosen(images: torch.Tensor, chosen: torch.Tensor, operation, *per_image: torch.Tensor):
+    """``images`` with each row that ``chosen`` marks replaced by ``operation`` of it, which is
+    given the same rows of each ``per_image`` tensor too: a costly step runs on those rows only."""
+    rows = chosen.nonzero().squeeze(1)
+    if len(rows) == 0:
+        return images
+    return images.index_copy(0, rows, operation(images[rows], *(t[rows] for t in per_image)))
+
+
 # ---------------------------------------------------------------------------- the view
 class BatchAugment:
     """One random view of every image of a uint8 batch (n x C x H x W), as a normalised float
@@ -325,15 +335,16 @@ class BatchAugment:
         x = images.float() / 255
         x = crop_resize_flip(x, p["box"], p["flip"], self.size)
         if self.affine_p > 0:
-            moved = affine(x, p["angle"], p["shift"], p["zoom"])
-            x = torch.where(p["affine"][:, None, None, None], moved, x)
+            x = on_chosen(x, p["affine"], affine, p["angle"], p["shift"], p["zoom"])
         if self.jitter.p > 0:
             x = self._jitter(x, p)
         if self.grayscale_p > 0:
             x = torch.where(p["grayscale"][:, None, None, None], to_grey(x).expand_as(x), x)
         if self.blur_p > 0:
-            blurred = gaussian_blur(x, self.blur_kernel, p["sigma"])
-            x = torch.where(p["blur"][:, None, None, None], blurred, x)
+            kernel = self.blur_kernel
+            x = on_chosen(
+                x, p["blur"], lambda y, sigma: gaussian_blur(y, kernel, sigma), p["sigma"]
+            )
         if self.solarize_p > 0:
             x = torch.where(p["solarize"][:, None, None, None], solarize(x), x)
         x = (x - self.mean.to(x)) / self.std.to(x)
