@@ -1,4 +1,5 @@
 import dataclasses
+import io
 import logging
 import warnings
 from types import SimpleNamespace
@@ -9,6 +10,7 @@ from pytorch_lightning.accelerators import CPUAccelerator, CUDAAccelerator
 from pytorch_lightning.utilities._pytree import _tree_flatten
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
+from moco.run.console import print_line
 from moco.run.first_screen import RunFacts, RunSummary, format_duration, quiet_lightning
 
 
@@ -254,3 +256,20 @@ def test_quiet_lightning_drops_the_litlogger_tip_only():
     assert not any("litlogger" in m for m in records.messages)
     assert any(m.startswith("GPU available") for m in records.messages)
     assert records.messages[-1] == "another tip"
+
+
+def test_a_line_printed_into_a_log_file_starts_on_a_line_of_its_own():
+    log = io.StringIO()  # not a terminal: the bar's carriage returns clear nothing there
+    log.write("Epoch 3:  41%|####      | 192/468 [01:05<01:30, 2.93it/s]")  # no newline
+    print_line("time budget: 24 epochs planned (5.1 of 60 min spent)", file=log)
+    assert log.getvalue().splitlines()[-1] == "time budget: 24 epochs planned (5.1 of 60 min spent)"
+
+
+def test_on_a_terminal_the_line_is_printed_as_it_is():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    print_line("time budget: 24 epochs planned", file=screen)
+    assert screen.getvalue() == "time budget: 24 epochs planned\n"

@@ -65,7 +65,7 @@ def test_one_process_reports_at_the_end_of_training_and_not_again_at_exit(tmp_pa
     dataset = _images(tmp_path)
     _read(dataset, [0])
     ReportSkippedImages().on_train_end(None, None)
-    assert capsys.readouterr().err.splitlines() == [
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"warning: 1 of 10 images in {tmp_path} could not be decoded and were skipped: {bad_a}"
     ]
     assert folder.skipped_summaries() == []  # nothing left for the report at exit

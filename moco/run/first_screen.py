@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from tqdm import tqdm
+
+from moco.run.console import print_line
 
 # The first steps pay for lazy initialisation, allocator growth and data-loader start-up, so they
 # are left out of the rate.
@@ -57,7 +58,7 @@ class RunSummary(pl.Callback):
         self,
         facts: RunFacts,
         clock: Callable[[], float] = time.monotonic,
-        write: Callable[[str], None] = tqdm.write,  # keeps Lightning's progress bar intact
+        write: Callable[[str], None] = print_line,
         warmup_steps: int = WARMUP_STEPS,
         timed_steps: int = TIMED_STEPS,
     ) -> None:

@@ -3,9 +3,9 @@
 import sys
 
 import pytorch_lightning as pl
-from tqdm import tqdm
 
 from moco.data.folder import all_ranks_skipped_summaries
+from moco.run.console import print_line
 
 
 class ReportSkippedImages(pl.Callback):
@@ -22,4 +22,4 @@ class ReportSkippedImages(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for line in all_ranks_skipped_summaries():
-            tqdm.write(line, file=sys.stderr)  # keeps a progress bar that is still open intact
+            print_line(line, file=sys.stderr)

@@ -20,8 +20,8 @@ keeps it, one resumed with another plans afresh after its next epoch.
 import math
 
 import pytorch_lightning as pl
-from tqdm import tqdm
 
+from moco.run.console import print_line
 from moco.run.training_clock import TrainingClock
 
 
@@ -71,7 +71,7 @@ class TimeBudget(pl.Callback):
         plan = trainer.strategy.broadcast(plan, src=0)
         if plan != self.planned and trainer.is_global_zero:
             spent, budget = self.clock.seconds / 60, self.budget_s / 60
-            tqdm.write(
+            print_line(
                 f"time budget: {plan} epoch{'s' if plan != 1 else ''} planned "
                 f"({spent:.1f} of {budget:g} min spent)"
             )
