@@ -40,23 +40,23 @@ def _on_off(text: str) -> bool:
     return text == "on"
 
 
-def _stem(text: str) -> str:
-    if text not in STEMS:
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(STEMS)}")
-    return text
+def _one_of(choices):
+    def check(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}")
+        return text
 
-
-def _malloc(text: str) -> str:
-    if text not in MALLOC_MODES:
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(MALLOC_MODES)}")
-    return text
+    return check
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument(
-        "--stem", type=_list(_stem), default=["small"], help="small,small_pool,imagenet,auto"
+        "--stem",
+        type=_list(_one_of(STEMS)),
+        default=["small"],
+        help="small,small_pool,imagenet,auto",
     )
     parser.add_argument("--data", default="fashion_mnist", help="a conf/data group")
     parser.add_argument("--image-size", type=int, help="default: the data config's")
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--threads", type=_list(int), default=[0], help="torch threads; 0: default")
     parser.add_argument(
         "--malloc",
-        type=_list(_malloc),
+        type=_list(_one_of(MALLOC_MODES)),
         default=["no-mmap"],
         help="no-mmap (as pretraining), default (glibc's)",
     )
