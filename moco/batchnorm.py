@@ -22,7 +22,8 @@ class SplitBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose training-mode statistics are computed per split of the batch.
 
     Sample ``i`` belongs to split ``i % num_splits``. Running statistics are updated with the
-    average of the per-split statistics. In eval mode this is a plain BatchNorm2d.
+    average of the per-split statistics. In eval mode this is a plain BatchNorm2d. The forward
+    works for any number of dimensions after the channels (SplitBatchNorm1d uses it as it is).
     """
 
     def __init__(self, num_features: int, num_splits: int, **kwargs) -> None:
@@ -34,18 +35,18 @@ class SplitBatchNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.num_splits == 1:
             return super().forward(x)
-        n, c, h, w = x.shape
+        n, c = x.shape[:2]
         splits = self.num_splits
         if n % splits == 0:
             # Fast path: fold the splits into channels so one batch_norm call does all of them.
-            # view(n/s, s*c, h, w): channel j*c + ch of row b is channel ch of sample b*s + j.
-            folded = x.reshape(n // splits, c * splits, h, w)
+            # view(n/s, s*c, ...): channel j*c + ch of row b is channel ch of sample b*s + j.
+            folded = x.reshape(n // splits, c * splits, *x.shape[2:])
             out = self._norm(
                 folded, self.running_mean.repeat(splits), self.running_var.repeat(splits), splits
             )
             # The fold is a copy in NCHW; give the next layer the layout it was given (NHWC
             # when the encoder runs channels_last), or every later conv pays a conversion.
-            return out.reshape(n, c, h, w).contiguous(memory_format=_memory_format(x))
+            return out.reshape(x.shape).contiguous(memory_format=_memory_format(x))
         # Batch not divisible (e.g. a short last batch): normalise each split on its own.
         out = torch.empty_like(x)
         means, vars_ = [], []
@@ -78,3 +79,12 @@ class SplitBatchNorm(nn.BatchNorm2d):
         self.running_mean.copy_(mean)
         self.running_var.copy_(var)
         self.num_batches_tracked.add_(1)
+
+
+class SplitBatchNorm1d(SplitBatchNorm):
+    """SplitBatchNorm for (N, C) or (N, C, L) inputs: the BatchNorm of an MLP head whose key side
+    must not see the statistics of the queries' batch either."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() not in (2, 3):
+            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")

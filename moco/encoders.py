@@ -17,7 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
-from moco.batchnorm import SplitBatchNorm
+from moco.batchnorm import SplitBatchNorm, SplitBatchNorm1d
 from moco.errors import ConfigError
 from moco.vit import VITS, build_vit
 
@@ -26,7 +26,9 @@ BACKBONES = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.mo
 # by their torchvision layout) and MoCo v3's ViTs (moco/vit.py: pretraining and evaluation of
 # this project's own checkpoints).
 ALL_BACKBONES = (*BACKBONES, *VITS)
-HEADS = ("linear", "mlp")  # MoCo v1 and v2 (model.head)
+# MoCo v1 and v2 (model.head), and v2's MLP with a BatchNorm in its hidden layer (as SimCLR's and
+# MoCo v3's heads have; the key side's BN splits like the backbone's, for shuffle-BN).
+HEADS = ("linear", "mlp", "mlp_bn")
 # MoCo v3: the projector (BN in every layer, the last without affine). Not among model.head's
 # choices: MoCoV3 always builds it, with model.mlp_dim hidden units.
 V3_HEAD = "v3_mlp"
@@ -99,15 +101,29 @@ def zero_init_residual(net: nn.Module) -> None:
 
 
 def build_head(
-    kind: str, in_dim: int, out_dim: int, mlp_dim: int | None = None, layers: int = 2
+    kind: str,
+    in_dim: int,
+    out_dim: int,
+    mlp_dim: int | None = None,
+    layers: int = 2,
+    bn_splits: int = 1,
 ) -> nn.Module:
-    """MoCo v1: one linear layer. MoCo v2: a 2-layer MLP, hidden layer as wide as the input.
+    """MoCo v1: one linear layer. MoCo v2: a 2-layer MLP, hidden layer as wide as the input;
+    ``mlp_bn`` adds a BatchNorm (in ``bn_splits`` groups) to that layer, whose bias it replaces.
     MoCo v3: ``v3_mlp``, the projector of ``v3_mlp`` with ``layers`` layers of ``mlp_dim``."""
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
     if kind == "mlp":
         return nn.Sequential(
             nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim)
+        )
+    if kind == "mlp_bn":
+        norm = SplitBatchNorm1d(in_dim, bn_splits) if bn_splits > 1 else nn.BatchNorm1d(in_dim)
+        return nn.Sequential(
+            nn.Linear(in_dim, in_dim, bias=False),
+            norm,
+            nn.ReLU(inplace=True),
+            nn.Linear(in_dim, out_dim),
         )
     if kind == V3_HEAD:
         if mlp_dim is None:
@@ -212,7 +228,7 @@ class EncoderSpec:
     def build(self, bn_splits: int = 1) -> "Encoder":
         net = build_backbone(self.backbone, self.in_channels, self.image_size, bn_splits, self.stem)
         layers = V3_PROJECTOR_LAYERS.get(self.backbone, 2)
-        head = build_head(self.head, net.feature_dim, self.dim, self.mlp_dim, layers)
+        head = build_head(self.head, net.feature_dim, self.dim, self.mlp_dim, layers, bn_splits)
         return Encoder(net, head, self.channels_last)
 
     @property

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from moco.batchnorm import SplitBatchNorm
+from moco.batchnorm import SplitBatchNorm, SplitBatchNorm1d
 
 DT = torch.float64
 TOL = {"atol": 1e-12, "rtol": 1e-10}
@@ -227,3 +227,40 @@ def test_more_splits_really_differ_from_plain_batchnorm():
 def test_invalid_num_splits_raises():
     with pytest.raises(ValueError):
         SplitBatchNorm(4, num_splits=0)
+
+
+@pytest.mark.parametrize("n,splits", [(8, 2), (12, 4), (7, 3)], ids=["8/2", "12/4", "7/3"])
+def test_1d_train_mode_equals_batchnorm1d_per_split(n, splits):
+    """The BatchNorm of the mlp_bn head: (N, C) rows, normalised per split i % splits."""
+    bn = SplitBatchNorm1d(C, num_splits=splits).to(DT)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, 1.5, 2.0], dtype=DT))
+        bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3], dtype=DT))
+    x = batch(n, h=1, w=1).flatten(1)  # N x C, each sample with its own offset and scale
+    want = torch.empty_like(x)
+    refs = []
+    for j in range(splits):
+        ref = nn.BatchNorm1d(C).to(DT).train()
+        ref.load_state_dict(nn.BatchNorm1d.state_dict(bn))
+        want[j::splits] = ref(x[j::splits]).detach()
+        refs.append(ref)
+    got = bn.train()(x)
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(
+        bn.running_mean, torch.stack([r.running_mean for r in refs]).mean(0), **TOL
+    )
+    torch.testing.assert_close(
+        bn.running_var, torch.stack([r.running_var for r in refs]).mean(0), **TOL
+    )
+    # Whole-batch statistics would differ: the splits really are normalised apart.
+    assert not torch.allclose(got, nn.BatchNorm1d(C).to(DT).train()(x).detach(), atol=1e-3)
+
+
+def test_1d_eval_mode_is_plain_batchnorm1d_and_refuses_images():
+    bn = SplitBatchNorm1d(C, num_splits=4).to(DT).eval()
+    ref = nn.BatchNorm1d(C).to(DT).eval()
+    ref.load_state_dict(nn.BatchNorm1d.state_dict(bn))
+    x = batch(5, h=1, w=1).flatten(1)
+    torch.testing.assert_close(bn(x), ref(x), **TOL)
+    with pytest.raises(ValueError, match="2D or 3D"):
+        bn(batch(4))

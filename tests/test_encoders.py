@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from moco.batchnorm import SplitBatchNorm
+from moco.batchnorm import SplitBatchNorm, SplitBatchNorm1d
 from moco.encoders import Encoder, build_backbone, build_head
 from moco.errors import ConfigError
 
@@ -88,6 +88,36 @@ def test_mlp_head_has_hidden_layer_as_wide_as_the_features():
         + linears[1].bias
     )
     torch.testing.assert_close(head(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mlp_bn_head_normalises_its_hidden_layer_before_the_relu():
+    head = build_head("mlp_bn", 64, 16).train()
+    first, norm, _, last = head
+    assert first.bias is None  # the BatchNorm's shift replaces it
+    assert isinstance(norm, nn.BatchNorm1d) and not isinstance(norm, SplitBatchNorm1d)
+    x = torch.randn(6, 64)
+    hidden = x @ first.weight.T
+    hidden = (hidden - hidden.mean(0)) / torch.sqrt(hidden.var(0, unbiased=False) + norm.eps)
+    expected = torch.relu(hidden) @ last.weight.T + last.bias
+    torch.testing.assert_close(head(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mlp_bn_head_splits_like_the_backbone_and_loads_into_a_plain_one():
+    """Training (bn_splits > 1) and evaluation (plain BatchNorm1d) build the same weights."""
+    split = build_head("mlp_bn", 64, 16, bn_splits=4)
+    assert isinstance(split[1], SplitBatchNorm1d) and split[1].num_splits == 4
+    plain = build_head("mlp_bn", 64, 16)
+    plain.load_state_dict(split.state_dict())  # strict: same names and shapes
+    x = torch.randn(8, 64)
+    torch.testing.assert_close(plain.eval()(x), split.eval()(x))
+
+
+def test_moco_with_mlp_bn_head_splits_the_head_of_both_encoders(tiny_moco):
+    model, _ = tiny_moco("model.head=mlp_bn", "model.bn_splits=4")
+    for encoder in (model.encoder_q, model.encoder_k):
+        norms = [m for m in encoder.head if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert len(norms) == 1 and isinstance(norms[0], SplitBatchNorm1d)
+        assert norms[0].num_splits == 4
 
 
 def test_encoder_is_backbone_then_head():
