@@ -14,7 +14,8 @@
 # its last checkpoint. The table's time is the run's own training clock (time/train_s, all parts
 # of a resumed run); wall_seconds, the command's wall time, covers the last part only and is the
 # fallback for runs without that clock. Everything goes to $OUT; the figures are copied to
-# docs/figures/.
+# docs/figures/, and each run's kNN curve is kept in docs/curves/ (the figure draws those kept
+# from earlier runs too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -77,7 +78,8 @@ main() {  # in a function, so bash parses the whole script before running it: an
     "$PY" scripts/knn_eval.py checkpoint="$OUT/moco_v2/checkpoints/last.ckpt" \
         knn.picture.queries=10 hydra.run.dir="$OUT/neighbours_moco_v2"
 
-    "$PY" scripts/results_table.py "$OUT" --figure docs/figures/knn_per_epoch.png
+    "$PY" scripts/results_table.py "$OUT" --figure docs/figures/knn_per_epoch.png \
+        --curves docs/curves
     cp "$OUT/compare_moco_v2/loss_curves.png" docs/figures/probe_optimizers_moco_v2.png
     cp "$OUT/neighbours_moco_v2/neighbours.png" docs/figures/neighbours_moco_v2.png
     echo "Figures in docs/figures/; table in $OUT/results.md"

@@ -1,9 +1,12 @@
 """The Results table and kNN-per-epoch figure from a results directory.
 
     python scripts/results_table.py runs/results [--figure docs/figures/knn_per_epoch.png]
+        [--curves docs/curves]
 
 Reads what scripts/reproduce_results.sh wrote (moco/eval/results.py says where); prints the
-Markdown table and writes it to <results>/results.md.
+Markdown table and writes it to <results>/results.md. With --curves, each run's kNN curve is
+saved there as CSV, and the figure draws every row with a saved curve, also those whose run
+directory is gone (a results directory that holds only the runs made since).
 """
 
 import argparse
@@ -13,8 +16,10 @@ from moco.eval.results import (
     Row,
     knn_per_epoch,
     knn_per_minute,
+    load_curve,
     markdown_table,
     plot_knn_per_epoch,
+    save_curve,
     table_row,
 )
 
@@ -35,6 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path)
     parser.add_argument("--figure", type=Path, help="default: <results>/knn_per_epoch.png")
+    parser.add_argument("--curves", type=Path, help="where each run's kNN curve is kept (CSV)")
     args = parser.parse_args()
     if not args.results.is_dir():
         parser.error(f"{args.results} is not a directory: run scripts/reproduce_results.sh first")
@@ -42,9 +48,16 @@ def main() -> None:
     table = markdown_table(rows)
     (args.results / "results.md").write_text(table)
     print(table)
-    trained = [r for r in ROWS if (args.results / r.name / "logs" / "metrics.csv").is_file()]
-    curves = {r.label: knn_per_epoch(args.results / r.name) for r in trained}
-    minutes = {r.label: knn_per_minute(args.results / r.name) for r in trained}
+    curves, minutes = {}, {}
+    for r in ROWS:
+        run, saved = args.results / r.name, args.curves and args.curves / f"{r.name}.csv"
+        trained = (run / "logs" / "metrics.csv").is_file()
+        if saved and trained:
+            save_curve(run, saved)
+        if saved and saved.is_file():
+            curves[r.label], minutes[r.label] = load_curve(saved)
+        elif trained:
+            curves[r.label], minutes[r.label] = knn_per_epoch(run), knn_per_minute(run)
     figure = args.figure or args.results / "knn_per_epoch.png"
     note = "online monitor: 10k-image bank, 5k test images, k=200, T=0.1"
     plot_knn_per_epoch(

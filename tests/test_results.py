@@ -4,14 +4,18 @@ scripts/reproduce_results.sh writes it."""
 from __future__ import annotations
 
 import json
+import runpy
+import sys
 from pathlib import Path
 
 from moco.eval.results import (
     Row,
     knn_per_epoch,
     knn_per_minute,
+    load_curve,
     markdown_table,
     plot_knn_per_epoch,
+    save_curve,
     table_row,
 )
 
@@ -110,3 +114,43 @@ def test_a_baseline_row_shows_its_evaluation_command(tmp_path):
     assert table_row(tmp_path, Row("moco_v2", "v2"))["command"].startswith(
         "python scripts/pretrain"
     )
+
+
+def test_a_saved_curve_reads_back_as_the_run_gave_it(tmp_path):
+    fake_results(tmp_path)
+    (tmp_path / "moco_v2" / "logs" / "metrics.csv").write_text(
+        "epoch,knn_top1,step,time/train_s\n0,70.5,233,150\n1,80.25,467,\n"  # epoch 2: no clock
+    )
+    saved = tmp_path / "curves" / "moco_v2.csv"
+    save_curve(tmp_path / "moco_v2", saved)
+    assert saved.read_text() == ("epoch,training_minutes,knn_top1\n1,2.50,70.50\n2,,80.25\n")
+    per_epoch, per_minute = load_curve(saved)
+    assert per_epoch == knn_per_epoch(tmp_path / "moco_v2") == [(1, 70.5), (2, 80.25)]
+    assert per_minute == knn_per_minute(tmp_path / "moco_v2") == [(2.5, 70.5)]
+
+
+def test_the_figure_draws_a_kept_curve_whose_run_is_gone(tmp_path, monkeypatch):
+    """results_table.py --curves: a run in the results directory has its curve saved; a row
+    without a run but with a saved curve (an earlier run's) is drawn from the CSV."""
+    fake_results(tmp_path / "results")
+    curves = tmp_path / "curves"
+    curves.mkdir()
+    (curves / "supervised.csv").write_text("epoch,training_minutes,knn_top1\n1,3.00,85.00\n")
+    drawn = {}
+
+    def plot(per_epoch, path, note, per_minute=None, **_):
+        drawn.update(per_epoch=per_epoch, per_minute=per_minute)
+
+    monkeypatch.setattr("moco.eval.results.plot_knn_per_epoch", plot)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "results_table.py"
+    argv = [str(script), str(tmp_path / "results"), "--curves", str(curves)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    assert load_curve(curves / "moco_v2.csv")[0] == [(1, 70.5), (2, 80.25)]
+    assert drawn["per_epoch"] == {
+        "MoCo v2, recipe": [(1, 70.5), (2, 80.25)],
+        "supervised reference, the same hour (labels, not MoCo)": [(1, 85.0)],
+    }
+    assert drawn["per_minute"]["supervised reference, the same hour (labels, not MoCo)"] == [
+        (3.0, 85.0)
+    ]

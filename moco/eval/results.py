@@ -8,6 +8,9 @@ Layout of a results directory (what scripts/reproduce_results.sh writes):
 - ``knn_<row>/knn.json`` and ``compare_<row>/compare.json``: kNN sweep and the linear probe with
   the six optimizers, for every row, the baselines ``raw`` and ``random`` included;
   ``knn_<row>/command``: the kNN command, the table's command for rows without pretraining.
+
+A run's kNN curve is also kept as a small CSV of its own (``save_curve``, in docs/curves/), so
+that the figure can still draw a run whose directory is gone, beside runs made later.
 """
 
 from __future__ import annotations
@@ -117,6 +120,36 @@ def knn_per_minute(run_dir: Path) -> list[tuple[float, float]]:
     """(training minutes at the end of the epoch, knn_top1), for the epochs with both logged."""
     knn, seconds = _per_epoch(run_dir, "knn_top1"), _per_epoch(run_dir, "time/train_s")
     return [(seconds[e] / 60, knn[e]) for e in sorted(knn) if e in seconds]
+
+
+CURVE_COLUMNS = ("epoch", "training_minutes", "knn_top1")
+
+
+def save_curve(run_dir: Path, path: Path) -> None:
+    """The run's online kNN after each epoch, with the training minutes at that epoch's end
+    (empty where the run logged no clock), as CSV with the columns of ``CURVE_COLUMNS``."""
+    seconds = _per_epoch(run_dir, "time/train_s")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        out = csv.writer(f, lineterminator="\n")
+        out.writerow(CURVE_COLUMNS)
+        for epoch, knn in knn_per_epoch(run_dir):
+            minutes = f"{seconds[epoch] / 60:.2f}" if epoch in seconds else ""
+            out.writerow([epoch, minutes, f"{knn:.2f}"])
+
+
+def load_curve(path: Path) -> tuple[list[tuple[int, float]], list[tuple[float, float]]]:
+    """What ``save_curve`` wrote: (epoch, kNN) and (training minutes, kNN) points, as
+    ``knn_per_epoch`` and ``knn_per_minute`` give them for a run directory."""
+    with path.open() as f:
+        records = list(csv.DictReader(f))
+    per_epoch = [(int(r["epoch"]), float(r["knn_top1"])) for r in records]
+    per_minute = [
+        (float(r["training_minutes"]), float(r["knn_top1"]))
+        for r in records
+        if r["training_minutes"]
+    ]
+    return per_epoch, per_minute
 
 
 def plot_knn_per_epoch(
