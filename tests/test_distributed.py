@@ -314,7 +314,11 @@ def test_torchrun_run_stopped_by_sigterm_mid_epoch_resumes_to_the_same_weights(t
 
     def train(run_dir: Path) -> subprocess.CompletedProcess:
         done = subprocess.run(
-            [*command, f"hydra.run.dir={run_dir}"], env=_ONE_THREAD, capture_output=True, text=True
+            [*command, f"hydra.run.dir={run_dir}"],
+            env=_ONE_THREAD,
+            capture_output=True,
+            text=True,
+            timeout=600,  # a hung rank fails the test instead of stalling the suite
         )
         assert done.returncode == 0, done.stderr[-3000:]
         return done
@@ -328,8 +332,12 @@ def test_torchrun_run_stopped_by_sigterm_mid_epoch_resumes_to_the_same_weights(t
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+    deadline = time.monotonic() + 600
     while not (stopped / "checkpoints" / "epoch000.ckpt").exists():
         assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        if time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail("no checkpoint after epoch 0 within 600 s")
         time.sleep(0.05)
     time.sleep(0.5)
     os.killpg(process.pid, signal.SIGTERM)  # torchrun, both ranks and their loader workers

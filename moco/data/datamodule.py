@@ -1,7 +1,5 @@
 """LightningDataModule serving pairs of augmented views for pretraining."""
 
-import signal
-
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
@@ -10,16 +8,8 @@ from moco.data.augment import TwoViews, pretrain_transform, view_recipes
 from moco.data.batch_augment import BatchAugment, pretrain_views
 from moco.data.datasets import TensorImages, load_dataset
 from moco.data.sampler import EpochSampler, SeededSamples
+from moco.data.workers import loader_workers
 from moco.errors import ConfigError
-
-
-def _leave_stop_signals_to_training(worker_id: int) -> None:
-    """A loader worker ignores SIGTERM and SIGUSR1. A cluster's scheduler sends them to every
-    process of the job; the training process then writes a checkpoint between two steps and
-    stops its workers itself (moco/run/within_epoch.py). A worker that died of the signal
-    instead would end the run with the loader's error first."""
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_IGN)
 
 
 class PretrainDataModule(pl.LightningDataModule):
@@ -98,7 +88,6 @@ class PretrainDataModule(pl.LightningDataModule):
                 epoch, batches_done = epoch + 1, 0
             sampler.start_at(epoch, batches_done * batch_size)
             self._resume_at = None
-        workers = self.data_cfg.num_workers
         return DataLoader(
             SeededSamples(self.dataset),
             batch_size=batch_size,
@@ -107,12 +96,12 @@ class PretrainDataModule(pl.LightningDataModule):
             # with several splits) is unreliable on a handful of samples. The queue itself
             # accepts any batch size.
             drop_last=True,
-            num_workers=workers,
             # The workers' own seeds come from this generator, not from the training process's,
             # whose draws must not depend on when a loader starts (moco/data/sampler.py).
             generator=torch.Generator().manual_seed(self.seed),
-            # Also stands in for Lightning's worker seeding: the draws come from SeededSamples.
-            worker_init_fn=_leave_stop_signals_to_training,
+            # Its worker_init_fn also stands in for Lightning's worker seeding: the draws come
+            # from SeededSamples.
+            **loader_workers(self.data_cfg.num_workers),
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
         )

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from moco.data.augment import eval_transform
 from moco.data.datasets import load_dataset
+from moco.data.workers import loader_workers
 from moco.encoders import Encoder
 from moco.errors import ConfigError
 
@@ -86,7 +87,9 @@ def extract_features(
     """
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, **loader_workers(num_workers)
+    )
     features, labels, start = None, torch.empty(len(dataset), dtype=torch.long), 0
     try:
         for images, targets in tqdm(

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from moco.data.augment import pretrain_transform
 from moco.data.datasets import load_dataset
+from moco.data.workers import loader_workers
 from moco.eval.features import (
     FrozenFeatures,
     cache_key,
@@ -239,8 +240,8 @@ def _augmented_batches(cfg: DictConfig, prep: Prepared, normalise):
         dataset,
         batch_size=p.batch_size,
         shuffle=True,
-        num_workers=data_cfg.num_workers,
         generator=torch.Generator().manual_seed(p.seed),
+        **loader_workers(data_cfg.num_workers),
     )
     device = next(iter(prep.model.parameters()), torch.empty(0)).device
 
