@@ -17,9 +17,7 @@ from moco.eval.features import extract_features
 
 def _deaf_to_stop_signals() -> bool:
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    return all(
-        signal.getsignal(s) == signal.SIG_IGN and s not in blocked for s in STOP_SIGNALS
-    )
+    return all(signal.getsignal(s) == signal.SIG_IGN and s not in blocked for s in STOP_SIGNALS)
 
 
 class SignalProbe(Dataset):
