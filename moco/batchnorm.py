@@ -18,12 +18,13 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-class SplitBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d whose training-mode statistics are computed per split of the batch.
+class _SplitStatistics:
+    """The training-mode forward of a BatchNorm whose statistics are computed per split of the
+    batch, for any number of dimensions after the channels; mixed into BatchNorm1d and 2d.
 
     Sample ``i`` belongs to split ``i % num_splits``. Running statistics are updated with the
-    average of the per-split statistics. In eval mode this is a plain BatchNorm2d. The forward
-    works for any number of dimensions after the channels (SplitBatchNorm1d uses it as it is).
+    average of the per-split statistics. In eval mode the layer is the plain BatchNorm it is
+    mixed into, so its weights load into one, and ``isinstance`` tells the two kinds apart.
     """
 
     def __init__(self, num_features: int, num_splits: int, **kwargs) -> None:
@@ -81,10 +82,11 @@ class SplitBatchNorm(nn.BatchNorm2d):
         self.num_batches_tracked.add_(1)
 
 
-class SplitBatchNorm1d(SplitBatchNorm):
-    """SplitBatchNorm for (N, C) or (N, C, L) inputs: the BatchNorm of an MLP head whose key side
-    must not see the statistics of the queries' batch either."""
+class SplitBatchNorm(_SplitStatistics, nn.BatchNorm2d):
+    """BatchNorm2d with per-split training statistics: the backbone's BatchNorm on the key side."""
 
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() not in (2, 3):
-            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+
+class SplitBatchNorm1d(_SplitStatistics, nn.BatchNorm1d):
+    """BatchNorm1d with per-split training statistics, for (N, C) or (N, C, L) inputs: the
+    BatchNorm of an MLP head whose key side must not see the statistics of the queries' batch
+    either."""

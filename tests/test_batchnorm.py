@@ -264,3 +264,11 @@ def test_1d_eval_mode_is_plain_batchnorm1d_and_refuses_images():
     torch.testing.assert_close(bn(x), ref(x), **TOL)
     with pytest.raises(ValueError, match="2D or 3D"):
         bn(batch(4))
+
+
+def test_each_split_bn_is_the_batchnorm_of_its_own_input_kind_only():
+    """Code that tells BatchNorm kinds apart (SyncBN conversion, export) must not take the head's
+    1d split BN for an image BN, nor the reverse."""
+    one_d, two_d = SplitBatchNorm1d(C, num_splits=2), SplitBatchNorm(C, num_splits=2)
+    assert isinstance(one_d, nn.BatchNorm1d) and not isinstance(one_d, nn.BatchNorm2d)
+    assert isinstance(two_d, nn.BatchNorm2d) and not isinstance(two_d, nn.BatchNorm1d)
