@@ -17,7 +17,6 @@ follow them alike:
   the program is not its death either.
 """
 
-import multiprocessing
 import multiprocessing.context
 import signal
 
