@@ -1,5 +1,6 @@
 """faiss kNN against a brute-force torch reference; feature extraction; the online kNN monitor."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -303,6 +304,35 @@ def test_monitor_logs_knn_top1_equal_to_offline_knn(tmp_path):
     for bad in ("k=0", "temperature=0.0", "bank_size=0", "layer=neck"):
         with pytest.raises(ConfigError, match=f"eval.{bad.split('=')[0]}"):
             check_pretrain(compose_config([f"eval.{bad}"]))
+
+
+def test_monitor_keeps_its_loader_workers_across_epochs_and_stops_them_at_the_end(tmp_path):
+    data = synthetic_cfg(num_workers=1)
+    monitor = KNNMonitor(
+        data,
+        every_n_epochs=1,
+        k=20,
+        temperature=0.1,
+        bank_size=None,
+        test_size=None,
+        batch_size=16,
+        layer="backbone",
+    )
+    worker_pids = []
+    original = monitor.evaluate
+
+    def evaluate(*args):
+        top1 = original(*args)
+        worker_pids.append([w.pid for w in monitor._loaders["bank"]._iterator._workers])
+        return top1
+
+    monitor.evaluate = evaluate
+    make_trainer(tmp_path, monitor, epochs=2).fit(FrozenEncoderModule())
+    assert len(worker_pids) == 2 and len(worker_pids[0]) == 1
+    assert worker_pids[0] == worker_pids[1]  # the same worker process in both epochs
+    assert monitor._loaders == {}  # dropped at the end of the fit, and their workers with them
+    with pytest.raises(ProcessLookupError):  # stopped and reaped
+        os.kill(worker_pids[0][0], 0)
 
 
 @pytest.mark.slow

@@ -1,7 +1,9 @@
 """How loader workers start (moco/data/workers.py): forked outside a process group, spawned
-inside one (a fork there can inherit a lock held by one of the group's threads and hang), and in
-both cases deaf to the stop signals, which the training process handles."""
+inside one (a fork there can inherit a lock held by one of the group's threads and hang), in
+both cases deaf to the stop signals, which the training process handles, and kept from one pass
+to the next by the loaders read every epoch."""
 
+import os
 import signal
 
 import pytest
@@ -12,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from moco.data import PretrainDataModule
 from moco.data.workers import STOP_SIGNALS, leave_stop_signals_to_training, loader_workers
-from moco.eval.features import extract_features
+from moco.eval.features import extract_features, feature_loader
 
 
 def _deaf_to_stop_signals() -> bool:
@@ -51,8 +53,31 @@ def process_group(tmp_path):
         dist.destroy_process_group()
 
 
+class WorkerPid(Dataset):
+    """Labels that name the process that made them."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return torch.zeros(1), os.getpid()
+
+
+def _pids(loader) -> set[int]:
+    return {pid for _, labels in loader for pid in labels.tolist()}
+
+
 def test_without_workers_nothing_changes():
     assert loader_workers(0) == {"num_workers": 0}
+    assert loader_workers(0, keep=True) == {"num_workers": 0}  # no workers to keep
+
+
+def test_a_kept_loader_reuses_its_workers_and_another_starts_new_ones():
+    kept = feature_loader(WorkerPid(), batch_size=2, num_workers=1, keep_workers=True)
+    first, second = _pids(kept), _pids(kept)
+    assert first == second and os.getpid() not in first
+    fresh = feature_loader(WorkerPid(), batch_size=2, num_workers=1)
+    assert _pids(fresh) != _pids(fresh)
 
 
 def test_outside_a_process_group_workers_fork_and_ignore_the_stop_signals():
@@ -83,5 +108,6 @@ def test_the_training_loader_and_the_feature_extraction_take_their_workers_from_
     loader = dm.train_dataloader()
     assert loader.multiprocessing_context.get_start_method() == "spawn"
     assert loader.worker_init_fn is leave_stop_signals_to_training
+    assert loader.persistent_workers  # read every epoch; its samples carry their own seeds
     _, labels = extract_features(nn.Flatten(), SignalProbe(), batch_size=2, num_workers=1)
     assert labels.tolist() == [3] * 4

@@ -100,9 +100,9 @@ class PretrainDataModule(pl.LightningDataModule):
             # whose draws must not depend on when a loader starts (moco/data/sampler.py).
             generator=torch.Generator().manual_seed(self.seed),
             # Its worker_init_fn also stands in for Lightning's worker seeding: the draws come
-            # from SeededSamples.
-            **loader_workers(self.data_cfg.num_workers),
-            persistent_workers=False,
+            # from SeededSamples, so workers kept from one epoch to the next carry no generator
+            # state a resumed run would lack.
+            **loader_workers(self.data_cfg.num_workers, keep=True),
             pin_memory=torch.cuda.is_available(),
         )
 

@@ -1,6 +1,6 @@
 """How every DataLoader of the project starts its worker processes.
 
-Two rules, kept here so that the training loader, the kNN monitor and the evaluation loaders
+The rules, kept here so that the training loader, the kNN monitor and the evaluation loaders
 follow them alike:
 
 - **Spawned, not forked, under torch.distributed.** A process group runs threads of its own
@@ -15,6 +15,9 @@ follow them alike:
   would end the run with the loader's error first. A worker ignores them from ``worker_init_fn``
   on, and a spawned one is started with them blocked so that a signal arriving while it imports
   the program is not its death either.
+- **Loaders read every epoch keep their workers** (``keep``): a spawn costs seconds, once per
+  run is enough. Nothing random lives in a worker (each sample carries its seed,
+  moco/data/sampler.py), so a kept worker holds no state a resumed run would lack.
 """
 
 import multiprocessing.context
@@ -57,13 +60,15 @@ def worker_start_method() -> multiprocessing.context.BaseContext | None:
     return None
 
 
-def loader_workers(num_workers: int) -> dict:
+def loader_workers(num_workers: int, keep: bool = False) -> dict:
     """DataLoader keyword arguments for ``num_workers`` worker processes (0: none, the batches
-    are made in the calling process)."""
+    are made in the calling process). ``keep`` keeps them from one pass over the loader to the
+    next, for a loader read every epoch: a spawned worker takes seconds to start."""
     if num_workers == 0:
         return {"num_workers": 0}
     return {
         "num_workers": num_workers,
         "multiprocessing_context": worker_start_method(),
         "worker_init_fn": leave_stop_signals_to_training,
+        "persistent_workers": keep,
     }

@@ -2,9 +2,9 @@
 
 ``FrozenFeatures`` picks the layer (the backbone output before the projection head, the standard
 choice, or the head's embedding; raw pixels when there is no encoder). ``extract_features`` runs a
-data set through it in batches; ``cached_features`` keeps the result on disk, keyed by everything
-that determines it, so the kNN, probe and optimizer-comparison scripts extract a checkpoint's
-features once.
+data set through it in batches (``encode`` runs a loader, which a caller may keep and read
+again); ``cached_features`` keeps the result on disk, keyed by everything that determines it, so
+the kNN, probe and optimizer-comparison scripts extract a checkpoint's features once.
 """
 
 import contextlib
@@ -68,8 +68,19 @@ def eval_dataset(data_cfg, split: str, limit: int | None = None, seed: int = 0) 
     return dataset
 
 
-# no_grad, not inference_mode: the probe trains on these tensors, autograd must accept them.
-@torch.no_grad()
+def feature_loader(
+    dataset: Dataset, batch_size: int, num_workers: int = 0, keep_workers: bool = False
+) -> DataLoader:
+    """``dataset`` in order, in batches; ``keep_workers`` for a loader read again and again (the
+    kNN monitor's, every epoch), whose worker processes then start once."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        **loader_workers(num_workers, keep=keep_workers),
+    )
+
+
 def extract_features(
     model: nn.Module,
     dataset: Dataset,
@@ -79,7 +90,21 @@ def extract_features(
     desc: str | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (N x D, float32, CPU) and labels (N) of ``dataset``, in order.
+    """Features (N x D, float32, CPU) and labels (N) of ``dataset``, in order: see ``encode``."""
+    loader = feature_loader(dataset, batch_size, num_workers)
+    return encode(model, loader, device, desc, autocast)
+
+
+# no_grad, not inference_mode: the probe trains on these tensors, autograd must accept them.
+@torch.no_grad()
+def encode(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device | str = "cpu",
+    desc: str | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (N x D, float32, CPU) and labels (N) of the data set ``loader`` reads in order.
 
     Every sub-module is put in eval mode (BatchNorm uses its running statistics, the data do not
     change them) and given back its own mode afterwards, so this is safe in the middle of
@@ -87,10 +112,8 @@ def extract_features(
     """
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, **loader_workers(num_workers)
-    )
-    features, labels, start = None, torch.empty(len(dataset), dtype=torch.long), 0
+    size = len(loader.dataset)
+    features, labels, start = None, torch.empty(size, dtype=torch.long), 0
     try:
         for images, targets in tqdm(
             loader, desc=desc, disable=desc is None, unit="batch", leave=False
@@ -98,7 +121,7 @@ def extract_features(
             with autocast():
                 batch = model(images.to(device, non_blocking=True)).float().cpu()
             if features is None:  # filled in place: no second copy of a large bank from a cat
-                features = torch.empty(len(dataset), batch.shape[1])
+                features = torch.empty(size, batch.shape[1])
             features[start : start + len(batch)] = batch
             labels[start : start + len(batch)] = targets
             start += len(batch)

@@ -8,10 +8,10 @@ shard, and the counts of correct predictions are summed, so every process logs t
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from moco.distributed import broadcast_buffers
-from moco.eval.features import FrozenFeatures, eval_dataset, extract_features
+from moco.eval.features import FrozenFeatures, encode, eval_dataset, feature_loader
 from moco.eval.knn import knn_predict
 
 
@@ -42,6 +42,9 @@ class KNNMonitor(pl.Callback):
         self.num_classes, self.num_workers = data_cfg.num_classes, data_cfg.num_workers
         self.bank = eval_dataset(data_cfg, "train", bank_size, seed)
         self.test = eval_dataset(data_cfg, "test", test_size, seed)
+        # Made at the first evaluation of a fit, when the process's shard is known, and kept to
+        # its end: their workers start once, not every epoch (seconds each when spawned).
+        self._loaders: dict[str, DataLoader] = {}
 
     @classmethod
     def from_config(cls, eval_cfg: DictConfig, data_cfg: DictConfig) -> "KNNMonitor | None":
@@ -89,14 +92,18 @@ class KNNMonitor(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset: Dataset, name: str
     ):
         """Features and labels of this process's shard (every world_size-th image)."""
-        shard = Subset(dataset, range(trainer.global_rank, len(dataset), trainer.world_size))
-        model = FrozenFeatures(pl_module.encoder_q, self.layer)
-        return extract_features(
-            model,
-            shard,
-            self.batch_size,
-            self.num_workers,
+        if name not in self._loaders:
+            shard = Subset(dataset, range(trainer.global_rank, len(dataset), trainer.world_size))
+            self._loaders[name] = feature_loader(
+                shard, self.batch_size, self.num_workers, keep_workers=True
+            )
+        return encode(
+            FrozenFeatures(pl_module.encoder_q, self.layer),
+            self._loaders[name],
             pl_module.device,
             desc=f"kNN monitor: {name}" if trainer.is_global_zero else None,
             autocast=trainer.precision_plugin.forward_context,
         )
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._loaders.clear()  # their workers stop with them
