@@ -8,6 +8,7 @@ import hydra
 import torch
 from conftest import TINY_OVERRIDES, compose_config
 
+import moco.run.hardware as hardware
 from moco.checkpoint import encoder_spec, query_encoder
 from moco.encoders import EncoderSpec
 from moco.run.experiments import experiment_encoder_spec
@@ -62,7 +63,8 @@ def test_the_supervised_reference_states_its_classifier_as_its_head():
     assert encoder_spec(_checkpoint(model)) == model.encoder_spec
 
 
-def test_an_experiment_names_the_encoder_that_checkpoint_random_builds():
+def test_an_experiment_names_the_encoder_that_checkpoint_random_builds(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_bf16_kind", lambda: None)  # a CPU without AMX
     v2 = experiment_encoder_spec("moco_v2")
     assert (v2.backbone, v2.stem, v2.in_channels, v2.image_size) == ("resnet18", "imagenet", 1, 28)
     assert (v2.head, v2.dim) == ("mlp", 128)

@@ -13,6 +13,7 @@ from conftest import compose_config, module_dir
 
 from moco.errors import ConfigError
 from moco.run.check import check_eval
+from moco.run.hardware import stem_for_machine
 from moco.run.train import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,7 +252,7 @@ def test_missing_checkpoint_value_is_a_config_error():
 
 def test_random_baseline_is_the_encoder_of_the_named_experiment(tmp_path):
     """checkpoint=random random_from=moco_v2: the architecture that experiment pretrains (its
-    ImageNet stem, from the Fashion-MNIST recipe), untrained, at the evaluation's geometry."""
+    stem for this machine), untrained, at the evaluation's geometry."""
     out, proc = run(
         "knn_eval",
         tmp_path,
@@ -266,7 +267,7 @@ def test_random_baseline_is_the_encoder_of_the_named_experiment(tmp_path):
     summary = json.loads((out / "knn.json").read_text())
     assert (summary["checkpoint"], summary["stem"], summary["head"]) == (
         "random",
-        "imagenet",
+        stem_for_machine("auto"),  # the experiment's stem on this machine
         "mlp",
     )
     assert (summary["in_channels"], summary["image_size"], summary["feature_dim"]) == (3, 16, 512)

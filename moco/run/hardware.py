@@ -1,4 +1,5 @@
-"""Choices that depend on the machine: the fastest safe precision."""
+"""Choices that depend on the machine: the fastest safe precision, and the stem that learns most
+per training minute on small images."""
 
 import torch
 
@@ -58,6 +59,20 @@ def precision_for(cfg) -> str:
     for its model (pretraining and the benchmark both ask here)."""
     trainer, model = cfg.trainer, cfg.model
     return resolve_precision(trainer.precision, trainer.accelerator, model.stem, model.image_size)
+
+
+def stem_for_machine(accelerator: str) -> str:
+    """The ResNet stem that gave the best features in an hour of training on small images (the
+    Fashion-MNIST experiments' 28 px), by machine kind (docs/results.md, twelfth round).
+
+    On CPUs with AMX, ``small_pool`` (14x14 maps in layer1) runs in bf16 at half the ImageNet
+    stem's speed and learns more per epoch: its hour ended ahead in the probe and level in kNN.
+    On the other CPUs it ran at 0.3-0.4 of that speed or less, too few epochs for the hour, so
+    they keep the ImageNet stem (7x7 maps), as do GPUs, where it was never measured against it.
+    """
+    if not uses_cuda(accelerator) and accelerator in ("cpu", "auto") and cpu_bf16_kind() == "amx":
+        return "small_pool"
+    return "imagenet"
 
 
 MALLOC_MODES = ("default", "no-mmap")
