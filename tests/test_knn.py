@@ -306,9 +306,9 @@ def test_monitor_logs_knn_top1_equal_to_offline_knn(tmp_path):
             check_pretrain(compose_config([f"eval.{bad}"]))
 
 
-def test_monitor_keeps_its_loader_workers_across_epochs_and_stops_them_at_the_end(tmp_path):
-    data = synthetic_cfg(num_workers=1)
-    monitor = KNNMonitor(
+def whole_split_monitor(data) -> KNNMonitor:
+    """A monitor after every epoch over the whole bank and test split, k=20."""
+    return KNNMonitor(
         data,
         every_n_epochs=1,
         k=20,
@@ -318,6 +318,11 @@ def test_monitor_keeps_its_loader_workers_across_epochs_and_stops_them_at_the_en
         batch_size=16,
         layer="backbone",
     )
+
+
+def test_monitor_keeps_its_loader_workers_across_epochs_and_stops_them_at_the_end(tmp_path):
+    data = synthetic_cfg(num_workers=1)
+    monitor = whole_split_monitor(data)
     worker_pids = []
     original = monitor.evaluate
 
@@ -341,16 +346,7 @@ def test_monitor_under_ddp_matches_one_process(tmp_path):
     data = synthetic_cfg(
         num_train=61, num_test=31
     )  # odd sizes: shards of unequal length get padded
-    monitor = KNNMonitor(
-        data,
-        every_n_epochs=1,
-        k=20,
-        temperature=0.1,
-        bank_size=None,
-        test_size=None,
-        batch_size=16,
-        layer="backbone",
-    )
+    monitor = whole_split_monitor(data)
     trainer = make_trainer(tmp_path, monitor, epochs=1, devices=2, strategy="ddp_spawn")
     trainer.fit(FrozenEncoderModule())
     assert trainer.callback_metrics["knn_top1"].item() == pytest.approx(
