@@ -5,12 +5,18 @@ import torch.nn.functional as F
 
 
 def info_nce(
-    q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    negatives: torch.Tensor,
+    temperature: float,
+    left_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of picking each query's own key among it and the queue's negatives.
 
     q: N x C queries, k: N x C positive keys, negatives: K x C; all rows L2-normalised.
-    Returns ``(loss, logits)`` with logits N x (1+K), the positive in column 0.
+    ``left_out``: for each query, the row of ``negatives`` that is not its negative (its
+    positive came from the queue, ``nearest_in_queue``), or None. Returns ``(loss, logits)``
+    with logits N x (1+K), the positive in column 0, a left-out negative's logit at -inf.
     """
     # Computed in fp32 even under bf16/fp16 autocast: with T=0.07 a logit of 14 in bf16 is off
     # by up to 0.06, comparable to the gap between a hard negative and the positive.
@@ -23,9 +29,24 @@ def info_nce(
         q = q / temperature
         pos = (q * k).sum(dim=1, keepdim=True)  # N x 1
         neg = q @ negatives.T  # N x K
+        if left_out is not None:
+            # A positive that also stood among the negatives would push its query away from it.
+            neg = neg.scatter(1, left_out.unsqueeze(1), float("-inf"))
         logits = torch.cat([pos, neg], dim=1)  # N x (1+K), already divided by T
         target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         return F.cross_entropy(logits, target), logits
+
+
+@torch.no_grad()
+def nearest_in_queue(k: torch.Tensor, queue: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each key's nearest neighbour among the queue's keys, by cosine (NNCLR, Dwibedi et al.
+    2021): ``(neighbours N x C, their rows in the queue N)``. A neighbour is most often another
+    image of the key's class, so taking it as the positive pulls a class together, not just two
+    views of one image. k: N x C, queue: K x C, rows L2-normalised.
+    """
+    with torch.autocast(device_type=k.device.type, enabled=False):  # bf16 would break near-ties
+        rows = (k.float() @ queue.float().T).argmax(dim=1)
+    return queue[rows], rows
 
 
 def contrastive_top1(logits: torch.Tensor) -> torch.Tensor:

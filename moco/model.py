@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from moco.distributed import encode_shuffled, gather, world_size
 from moco.encoders import EncoderSpec
 from moco.errors import ConfigError
-from moco.losses import contrastive_top1, info_nce
+from moco.losses import contrastive_top1, info_nce, nearest_in_queue
 from moco.momentum import momentum_update, scheduled_momentum
 from moco.optim.scheduled import lightning_optimizer
 from moco.queue import KeyQueue
@@ -61,6 +61,7 @@ class MoCo(TrainingModule):
         optimizer: Mapping,
         scheduler: Mapping,
         stem: str = "auto",
+        nn_positives: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(plain_settings(locals()))
@@ -106,8 +107,16 @@ class MoCo(TrainingModule):
         q = F.normalize(self.encoder_q(im_q), dim=1)  # N x C
         with torch.no_grad():
             k = F.normalize(self._encode_keys(im_k), dim=1)  # N x C
-        loss, logits = info_nce(q, k, negatives, self.hparams.temperature)  # logits: N x (1+K)
+        loss, logits = self.info_nce_against(q, k, negatives)  # logits: N x (1+K)
         return loss, logits, k
+
+    def info_nce_against(self, q, keys, negatives):
+        """InfoNCE of queries ``q`` whose positives are ``keys``, or with ``model.nn_positives``
+        the queue's nearest neighbours of ``keys``, which then leave the negatives."""
+        if not self.hparams.nn_positives:
+            return info_nce(q, keys, negatives, self.hparams.temperature)
+        neighbours, rows = nearest_in_queue(keys, negatives)
+        return info_nce(q, neighbours, negatives, self.hparams.temperature, left_out=rows)
 
     def with_small_crops(self, loss, small_crops, keys, negatives) -> torch.Tensor:
         """``loss`` of the first view's queries averaged with that of the small crops (m crops of
@@ -115,7 +124,7 @@ class MoCo(TrainingModule):
         small crops share one pass through the query encoder; they never become keys."""
         m = len(small_crops)
         q = F.normalize(self.encoder_q(torch.cat(small_crops)), dim=1)  # mN x C
-        crops_loss, _ = info_nce(q, keys.repeat(m, 1), negatives, self.hparams.temperature)
+        crops_loss, _ = self.info_nce_against(q, keys.repeat(m, 1), negatives)
         return (loss + m * crops_loss) / (1 + m)
 
     def _encode_keys(self, im_k):

@@ -346,6 +346,12 @@ INTENDED = {
     **{(name, "augment.small_crops.count"): ("<absent>", "0") for name in BEFORE},
     **{(name, "augment.small_crops.size"): ("<absent>", "18") for name in BEFORE},
     **{(name, "augment.small_crops.scale"): ("<absent>", "[0.2, 0.5]") for name in BEFORE},
+    # Positives from the queue's nearest neighbours, added later, off (the v1/v2 model config).
+    **{
+        (name, "model.nn_positives"): ("<absent>", "False")
+        for name in BEFORE
+        if "model" in BEFORE[name] and "queue_size" in BEFORE[name]["model"]
+    },
     # MoCo v2 tuned again (docs/results.md): 4x the lr with a warm-up epoch, mild crops with
     # erasing, 10x the paper's weight decay.
     ("moco_v2", "augment.crop_scale"): ("[0.4, 1.0]", "[0.85, 1.0]"),

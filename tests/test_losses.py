@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moco.losses import contrastive_top1, info_nce
+from moco.losses import contrastive_top1, info_nce, nearest_in_queue
 
 
 def unit(*shape: int, seed: int, dtype=torch.float32) -> torch.Tensor:
@@ -130,3 +130,70 @@ def test_contrastive_top1_on_hand_made_logits():
     assert contrastive_top1(logits).item() == pytest.approx(3 / 5)
     assert contrastive_top1(logits[[0, 2, 4]]).item() == 1.0
     assert contrastive_top1(logits[[1, 3]]).item() == 0.0
+
+
+# ------------------------------------------------------------ positives drawn from the queue
+def test_nearest_in_queue_is_the_row_of_highest_cosine():
+    keys, queue = unit(6, 8, seed=10), unit(40, 8, seed=11)
+    neighbours, rows = nearest_in_queue(keys, queue)
+    for i in range(6):
+        cosines = [(keys[i] * queue[j]).sum() for j in range(40)]
+        best = max(range(40), key=lambda j: cosines[j])
+        assert int(rows[i]) == best
+        assert torch.equal(neighbours[i], queue[best])
+
+
+def test_a_key_already_in_the_queue_is_its_own_nearest_neighbour():
+    queue = unit(30, 8, seed=12)
+    neighbours, rows = nearest_in_queue(queue[[4, 17, 4]], queue)
+    assert rows.tolist() == [4, 17, 4]
+    assert torch.equal(neighbours, queue[[4, 17, 4]])
+
+
+def test_left_out_negative_drops_out_of_the_softmax():
+    """The loss with row j of the queue left out for query i equals the cross-entropy over the
+    logits with that column removed: the positive taken from the queue is not also a negative."""
+    q, negatives = unit(4, 8, seed=13), unit(9, 8, seed=14)
+    left_out = torch.tensor([2, 0, 8, 2])
+    k = negatives[left_out]
+    loss, logits = info_nce(q, k, negatives, 0.1, left_out=left_out)
+    full = reference_logits(q, k, negatives, 0.1)
+    assert torch.isneginf(logits[torch.arange(4), 1 + left_out]).all()
+    per_query = []
+    for i in range(4):
+        kept = [c for c in range(10) if c != 1 + int(left_out[i])]
+        per_query.append(-(full[i, 0] - full[i, kept].logsumexp(dim=0)))
+    torch.testing.assert_close(loss, torch.stack(per_query).mean(), atol=1e-5, rtol=1e-5)
+    # Without leaving it out, the duplicate lowers the positive's share: a higher loss.
+    plain, _ = info_nce(q, k, negatives, 0.1)
+    assert plain > loss
+
+
+def test_left_out_negative_gives_the_gradient_of_the_logits_without_it():
+    """-inf in the logits must not turn into NaN in backward: the query's gradient is that of
+    the cross-entropy over the other columns."""
+    q = unit(3, 8, seed=15).requires_grad_(True)
+    negatives = unit(5, 8, seed=16)
+    left_out = torch.tensor([1, 1, 3])
+    k = negatives[left_out]
+    loss, _ = info_nce(q, k, negatives, 0.2, left_out=left_out)
+    (grad,) = torch.autograd.grad(loss, q)
+    q_ref = q.detach().clone().requires_grad_(True)
+    full = reference_logits(q_ref, k, negatives, 0.2)
+    keep = torch.ones_like(full, dtype=torch.bool)
+    keep[torch.arange(3), 1 + left_out] = False
+    reference = F.cross_entropy(full[keep].view(3, 5), torch.zeros(3, dtype=torch.long))
+    (grad_ref,) = torch.autograd.grad(reference, q_ref)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, grad_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_nearest_in_queue_under_bf16_autocast_tells_near_ties_apart():
+    """Cosines of 0.9990 and 0.9995 are one number in bf16: the search must run in fp32."""
+    key = torch.tensor([[1.0, 0.0]])
+    angles = torch.tensor([math.acos(0.9990), math.acos(0.9995)])
+    queue = torch.stack([angles.cos(), angles.sin()], dim=1)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        assert (key.bfloat16() @ queue.bfloat16().T).unique().numel() == 1  # a tie in bf16
+        _, rows = nearest_in_queue(key, queue)
+    assert rows.tolist() == [1]

@@ -220,6 +220,33 @@ def test_symmetric_step_enqueues_both_directions(tiny_moco):
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_nn_positives_step_takes_the_queues_nearest_key_and_enqueues_its_own(tiny_moco):
+    """model.nn_positives: each query's positive is the row of the queue (as it was before the
+    step) nearest its key, that row leaves its negatives, and the queue still receives the
+    step's own keys."""
+    model, cfg = tiny_moco("model.nn_positives=true", "model.momentum=0.9")
+    model.train()
+    t = cfg.model.temperature
+    perturb(model.encoder_q, seed=8)
+    queue_before = model.queue.keys.clone()
+    view_q, view_k = images(9), images(10)
+    torch.manual_seed(11)
+    rng = torch.get_rng_state()
+    loss = model.training_step(((view_q, view_k), torch.zeros(8, dtype=torch.long)), 0)
+
+    k_ref = shuffled_keys(model.encoder_k, view_k, rng)
+    torch.testing.assert_close(model.queue.keys[:8], k_ref, atol=1e-5, rtol=1e-4)
+    nearest = (k_ref @ queue_before.T).argmax(dim=1)
+    q_ref = F.normalize(model.encoder_q(view_q), dim=1)
+    positive = (q_ref * queue_before[nearest]).sum(1, keepdim=True)
+    logits = torch.cat([positive, q_ref @ queue_before.T], dim=1) / t
+    logits[torch.arange(8), 1 + nearest] = float("-inf")
+    expected = F.cross_entropy(logits, torch.zeros(8, dtype=torch.long))
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    # Not the loss of the plain step: the option changes what is learnt.
+    assert not torch.allclose(loss, reference_loss(q_ref, k_ref, queue_before, t), atol=1e-3)
+
+
 def test_model_state_dict_holds_the_queue(tiny_moco):
     model, _ = tiny_moco()
     state = model.state_dict()
