@@ -61,7 +61,7 @@ class MoCo(TrainingModule):
         optimizer: Mapping,
         scheduler: Mapping,
         stem: str = "auto",
-        nn_positives: bool = False,
+        neighbour_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(plain_settings(locals()))
@@ -111,12 +111,19 @@ class MoCo(TrainingModule):
         return loss, logits, k
 
     def info_nce_against(self, q, keys, negatives):
-        """InfoNCE of queries ``q`` whose positives are ``keys``, or with ``model.nn_positives``
-        the queue's nearest neighbours of ``keys``, which then leave the negatives."""
-        if not self.hparams.nn_positives:
-            return info_nce(q, keys, negatives, self.hparams.temperature)
+        """InfoNCE of queries ``q`` whose positives are ``keys``. With ``model.neighbour_weight``
+        w > 0, that share of the loss takes as positives the queue's nearest neighbours of
+        ``keys`` (which then leave the negatives); the logits are those of the own keys' term
+        unless w = 1."""
+        t, w = self.hparams.temperature, self.hparams.neighbour_weight
+        if w == 0:
+            return info_nce(q, keys, negatives, t)
         neighbours, rows = nearest_in_queue(keys, negatives)
-        return info_nce(q, neighbours, negatives, self.hparams.temperature, left_out=rows)
+        nn_loss, nn_logits = info_nce(q, neighbours, negatives, t, left_out=rows)
+        if w == 1:
+            return nn_loss, nn_logits
+        own_loss, own_logits = info_nce(q, keys, negatives, t)
+        return (1 - w) * own_loss + w * nn_loss, own_logits
 
     def with_small_crops(self, loss, small_crops, keys, negatives) -> torch.Tensor:
         """``loss`` of the first view's queries averaged with that of the small crops (m crops of

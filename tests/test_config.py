@@ -348,7 +348,7 @@ INTENDED = {
     **{(name, "augment.small_crops.scale"): ("<absent>", "[0.2, 0.5]") for name in BEFORE},
     # Positives from the queue's nearest neighbours, added later, off (the v1/v2 model config).
     **{
-        (name, "model.nn_positives"): ("<absent>", "False")
+        (name, "model.neighbour_weight"): ("<absent>", "0.0")
         for name in BEFORE
         if "model" in BEFORE[name] and "queue_size" in BEFORE[name]["model"]
     },

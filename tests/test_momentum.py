@@ -220,11 +220,14 @@ def test_symmetric_step_enqueues_both_directions(tiny_moco):
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_nn_positives_step_takes_the_queues_nearest_key_and_enqueues_its_own(tiny_moco):
-    """model.nn_positives: each query's positive is the row of the queue (as it was before the
-    step) nearest its key, that row leaves its negatives, and the queue still receives the
-    step's own keys."""
-    model, cfg = tiny_moco("model.nn_positives=true", "model.momentum=0.9")
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_neighbour_positives_step_takes_the_queues_nearest_key_and_enqueues_its_own(
+    tiny_moco, weight
+):
+    """model.neighbour_weight w: that share of the loss takes as each query's positive the row
+    of the queue (as it was before the step) nearest its key, with that row left out of its
+    negatives; the rest is MoCo's own-key loss. The queue still receives the step's own keys."""
+    model, cfg = tiny_moco(f"model.neighbour_weight={weight}", "model.momentum=0.9")
     model.train()
     t = cfg.model.temperature
     perturb(model.encoder_q, seed=8)
@@ -241,10 +244,12 @@ def test_nn_positives_step_takes_the_queues_nearest_key_and_enqueues_its_own(tin
     positive = (q_ref * queue_before[nearest]).sum(1, keepdim=True)
     logits = torch.cat([positive, q_ref @ queue_before.T], dim=1) / t
     logits[torch.arange(8), 1 + nearest] = float("-inf")
-    expected = F.cross_entropy(logits, torch.zeros(8, dtype=torch.long))
+    neighbour_loss = F.cross_entropy(logits, torch.zeros(8, dtype=torch.long))
+    own_loss = reference_loss(q_ref, k_ref, queue_before, t)
+    expected = (1 - weight) * own_loss + weight * neighbour_loss
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
     # Not the loss of the plain step: the option changes what is learnt.
-    assert not torch.allclose(loss, reference_loss(q_ref, k_ref, queue_before, t), atol=1e-3)
+    assert not torch.allclose(loss, own_loss, atol=1e-3)
 
 
 def test_model_state_dict_holds_the_queue(tiny_moco):

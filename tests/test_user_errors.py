@@ -219,6 +219,7 @@ def test_undecodable_image_is_skipped_with_a_warning_and_a_count(tmp_path):
         # In-process the typed config holds 0.0; the scripts echo what the user typed (0).
         ("model.temperature=0", "model.temperature=0.0 must be > 0"),
         ("model.momentum=1.0", "model.momentum=1.0 must be in [0, 1)"),
+        ("model.neighbour_weight=1.5", "model.neighbour_weight=1.5 must be in [0, 1]"),
     ],
 )
 def test_wrong_types_and_broken_references_are_config_errors(default_with, override, message):

@@ -277,6 +277,11 @@ def _check_moco(model: DictConfig, data: DictConfig, trainer: DictConfig) -> Non
         "(papers: 0.999; small data: 0.99)",
     )
     require(
+        0 <= model.neighbour_weight <= 1,
+        f"{setting('model.neighbour_weight', model.neighbour_weight)} must be in [0, 1] "
+        "(0 = MoCo's own-key positives, 1 = all nearest-neighbour positives)",
+    )
+    require(
         model.bn_splits >= 1,
         f"{setting('model.bn_splits', model.bn_splits)} must be >= 1 (1 = plain BatchNorm)",
     )

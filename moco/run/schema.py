@@ -240,7 +240,7 @@ class MocoModelConfig(TrainingKeys, EncoderKeys):
     bn_splits: int = MISSING
     shuffle_bn: bool = MISSING
     symmetric: bool = MISSING
-    nn_positives: bool = MISSING
+    neighbour_weight: float = MISSING
 
 
 @dataclass
