@@ -193,16 +193,23 @@ def test_keys_depend_on_the_shuffle_so_the_reference_above_is_discriminating(tin
     assert not torch.allclose(a, b, atol=1e-4)
 
 
-def test_symmetric_step_enqueues_both_directions(tiny_moco):
-    model, cfg = tiny_moco("model.symmetric=true", "model.momentum=0.9")
+def replayable_step(model, view_q, view_k, seed: int):
+    """One training step of ``model`` (query encoder perturbed away from the key encoder) on a
+    batch of 8, returning ``(loss, queue before the step, RNG state the shuffle drew from)``."""
     model.train()
-    t = cfg.model.temperature
-    perturb(model.encoder_q, seed=4)
+    perturb(model.encoder_q, seed=seed)
     queue_before = model.queue.keys.clone()
-    view_q, view_k = images(5), images(6)
-    torch.manual_seed(7)
+    torch.manual_seed(seed + 3)
     rng = torch.get_rng_state()
     loss = model.training_step(((view_q, view_k), torch.zeros(8, dtype=torch.long)), 0)
+    return loss, queue_before, rng
+
+
+def test_symmetric_step_enqueues_both_directions(tiny_moco):
+    model, cfg = tiny_moco("model.symmetric=true", "model.momentum=0.9")
+    t = cfg.model.temperature
+    view_q, view_k = images(5), images(6)
+    loss, queue_before, rng = replayable_step(model, view_q, view_k, seed=4)
 
     # (e) ptr advances by 2 x batch; rows 0..7 are keys of view_k, rows 8..15 keys of view_q.
     assert int(model.queue.ptr) == 16
@@ -228,14 +235,9 @@ def test_neighbour_positives_step_takes_the_queues_nearest_key_and_enqueues_its_
     of the queue (as it was before the step) nearest its key, with that row left out of its
     negatives; the rest is MoCo's own-key loss. The queue still receives the step's own keys."""
     model, cfg = tiny_moco(f"model.neighbour_weight={weight}", "model.momentum=0.9")
-    model.train()
     t = cfg.model.temperature
-    perturb(model.encoder_q, seed=8)
-    queue_before = model.queue.keys.clone()
     view_q, view_k = images(9), images(10)
-    torch.manual_seed(11)
-    rng = torch.get_rng_state()
-    loss = model.training_step(((view_q, view_k), torch.zeros(8, dtype=torch.long)), 0)
+    loss, queue_before, rng = replayable_step(model, view_q, view_k, seed=8)
 
     k_ref = shuffled_keys(model.encoder_k, view_k, rng)
     torch.testing.assert_close(model.queue.keys[:8], k_ref, atol=1e-5, rtol=1e-4)
