@@ -14,7 +14,7 @@ from moco.errors import ConfigError
 from moco.optim.scheduled import scheduled_optimizer
 from moco.optim.schedules import lr_factor
 from moco.run.check import check_pretrain
-from moco.run.time_budget import TimeBudget, growth_window, planned_epochs
+from moco.run.time_budget import TimeBudget, expected_epoch_s, growth_window, planned_epochs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,6 +66,7 @@ def test_the_plan_sets_max_epochs_and_a_resumed_run_keeps_it():
     resumed.load_state_dict(budget.state_dict())
     resumed.on_fit_start(trainer, module)
     assert trainer.fit_loop.max_epochs == 30
+    assert resumed.epoch_lengths == [120.0]  # the epochs' lengths travel with the plan
 
 
 def test_a_plan_grows_in_the_first_half_only():
@@ -79,9 +80,32 @@ def test_a_plan_grows_in_the_first_half_only():
     clock.seconds, trainer.current_epoch = 1500.0, 11  # 12 of 24 done: the second half
     budget.on_train_epoch_end(trainer, _Module())
     assert trainer.fit_loop.max_epochs == 24  # 28 would fit, but the cosine is half done
-    clock.seconds, trainer.current_epoch = 2600.0, 12  # a slow one: 18 fit
+    clock.seconds, trainer.current_epoch = 2600.0, 12  # a slow one, taken as a passing one
     budget.on_train_epoch_end(trainer, _Module())
-    assert trainer.fit_loop.max_epochs == 18  # shrinking is always allowed
+    assert trainer.fit_loop.max_epochs == 21  # the 1000 s left hold 8 epochs of 120 s
+    clock.seconds, trainer.current_epoch = 3700.0, 13  # slow again: the machine is slower now
+    budget.on_train_epoch_end(trainer, _Module())
+    assert trainer.fit_loop.max_epochs == 14  # shrinking is always allowed: stop now
+
+
+def test_an_epoch_slowed_by_another_job_does_not_cut_the_run_short():
+    # The first epoch shares the CPU (443 s), the others take 250 s: 13 fit in the hour. A plan
+    # from the mean epoch would stay at 12 once it may no longer grow, the hour 407 s short.
+    clock, trainer = SimpleNamespace(seconds=0.0), _trainer()
+    budget = TimeBudget(60, 40, clock)
+    while trainer.current_epoch < trainer.fit_loop.max_epochs:
+        clock.seconds += 443.0 if trainer.current_epoch == 0 else 250.0
+        budget.on_train_epoch_end(trainer, _Module())
+        trainer.current_epoch += 1
+    assert trainer.current_epoch == 13
+    assert clock.seconds <= 3600.0
+
+
+def test_the_expected_epoch_is_the_median_of_the_last_three():
+    assert expected_epoch_s([400.0]) == 400.0
+    assert expected_epoch_s([400.0, 100.0]) == 250.0
+    assert expected_epoch_s([900.0, 100.0, 110.0, 500.0]) == 110.0  # the first is forgotten
+    assert planned_epochs(done=2, spent_s=500, budget_s=1000, most=40, epoch_s=100) == 7
 
 
 @pytest.mark.parametrize(

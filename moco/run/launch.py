@@ -12,8 +12,6 @@ directory to its children on the command line, and these resolvers see a single 
 import os
 from datetime import datetime
 
-from omegaconf import OmegaConf
-
 
 def launched_world_size() -> int:
     """Processes started by torchrun or srun for this run; 1 for a plain ``python`` start."""
@@ -80,18 +78,3 @@ def launched_nodes(default: int = 1) -> int:
     if "SLURM_NNODES" in os.environ:
         return int(os.environ["SLURM_NNODES"])
     return default
-
-
-def register_resolvers() -> None:
-    # The stamp is cached, like Hydra's own ${now:}: the run directory is resolved more than once
-    # (Lightning reads it again to start its child processes) and must not move in between.
-    if not OmegaConf.has_resolver("moco.run_stamp"):
-        OmegaConf.register_new_resolver("moco.run_stamp", run_stamp, use_cache=True)
-    resolvers = {
-        "moco.hydra_subdir": hydra_subdir,
-        "moco.launched_devices": launched_devices,
-        "moco.launched_nodes": launched_nodes,
-    }
-    for name, function in resolvers.items():
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, function)

@@ -2,15 +2,17 @@
 
 A fixed epoch count takes twice as long on one CPU as on another. With ``time_budget_minutes``
 the run plans its length after every epoch from the training time spent so far (the
-``TrainingClock``'s count): the epochs done plus as many of the mean epoch as the time left
-holds, never more than ``trainer.max_epochs``. The lr and momentum schedules read the run's
-length every step (``moco.optim.scheduled``), so the cosine ends at the last planned epoch.
+``TrainingClock``'s count): the epochs done plus as many epochs as the time left holds, never
+more than ``trainer.max_epochs``. An epoch to come is expected to last the median of the last
+three: one epoch slowed by another job neither shortens the plan nor, once the machine is fast
+again, holds it short, as a mean over all epochs would; two slow epochs in a row do shorten it.
+The lr and momentum schedules read the run's length every step (``moco.optim.scheduled``), so
+the cosine ends at the last planned epoch.
 
 A plan may grow only early in the run, while fewer than ``growth_window`` of its planned epochs
 are done: half of them, or fewer if a step schedule drops the lr sooner. There a longer run lifts
 the lr by a hair (a 24-epoch cosine made 25 after epoch 6 rises by about 1%) and undoes no drop.
-Later a plan only shrinks, as growing it would lift a cosine that is nearly done. So a slow first
-epoch, or a minute that another job took, does not cut the whole run short.
+Later a plan only shrinks, as growing it would lift a cosine that is nearly done.
 
 The plan is made on rank 0 and broadcast, so all processes stop after the same epoch. It travels
 in the checkpoints with the budget it was made for: a run resumed with the same budget and bound
@@ -18,20 +20,32 @@ keeps it, one resumed with another plans afresh after its next epoch.
 """
 
 import math
+import statistics
 
 import pytorch_lightning as pl
 
 from moco.run.console import print_line
 from moco.run.training_clock import TrainingClock
 
+RECENT_EPOCHS = 3  # the epochs whose median length predicts the next ones
 
-def planned_epochs(done: int, spent_s: float, budget_s: float, most: int) -> int:
+
+def planned_epochs(
+    done: int, spent_s: float, budget_s: float, most: int, epoch_s: float | None = None
+) -> int:
     """The epochs a run should have when ``done`` of them took ``spent_s`` seconds of a budget of
-    ``budget_s``: those done and as many more of their mean length as fit, at most ``most``."""
+    ``budget_s``: those done and as many more epochs of ``epoch_s`` seconds (by default their
+    mean length) as fit, at most ``most``."""
     if done < 1 or spent_s <= 0:
         return most
-    more = math.floor(max(budget_s - spent_s, 0.0) / (spent_s / done))
+    epoch_s = epoch_s if epoch_s and epoch_s > 0 else spent_s / done
+    more = math.floor(max(budget_s - spent_s, 0.0) / epoch_s)
     return max(done, min(done + more, most))
+
+
+def expected_epoch_s(epoch_lengths: list[float]) -> float:
+    """The length of an epoch to come: the median of the last ``RECENT_EPOCHS`` epochs."""
+    return statistics.median(epoch_lengths[-RECENT_EPOCHS:])
 
 
 def growth_window(scheduler_cfg) -> float:
@@ -57,6 +71,7 @@ class TimeBudget(pl.Callback):
         self.budget_s, self.most_epochs, self.clock = 60.0 * minutes, most_epochs, clock
         self.growth_window = growth_window
         self.planned: int | None = None  # None until the first epoch has ended
+        self.epoch_lengths: list[float] = []  # the seconds of every finished epoch, in order
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After the checkpoint's state was loaded: a resumed run goes on with its plan.
@@ -65,7 +80,14 @@ class TimeBudget(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         done = trainer.current_epoch + 1
-        plan = planned_epochs(done, self.clock.seconds, self.budget_s, self.most_epochs)
+        self._count_epochs(done)
+        plan = planned_epochs(
+            done,
+            self.clock.seconds,
+            self.budget_s,
+            self.most_epochs,
+            expected_epoch_s(self.epoch_lengths),
+        )
         if self.planned is not None and done >= self.growth_window * self.planned:
             plan = min(plan, self.planned)
         plan = trainer.strategy.broadcast(plan, src=0)
@@ -79,8 +101,21 @@ class TimeBudget(pl.Callback):
         trainer.fit_loop.max_epochs = plan
         pl_module.log("time/planned_epochs", float(plan), rank_zero_only=True)
 
+    def _count_epochs(self, done: int) -> None:
+        """Adds the epochs finished since the last count, sharing their seconds equally (more
+        than one only in a run resumed from a checkpoint that did not count them)."""
+        new = done - len(self.epoch_lengths)
+        if new > 0:
+            seconds = max(self.clock.seconds - sum(self.epoch_lengths), 0.0)
+            self.epoch_lengths += [seconds / new] * new
+
     def state_dict(self) -> dict:
-        return {"planned": self.planned, "budget_s": self.budget_s, "most": self.most_epochs}
+        return {
+            "planned": self.planned,
+            "budget_s": self.budget_s,
+            "most": self.most_epochs,
+            "epoch_lengths": self.epoch_lengths,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         same = (state_dict.get("budget_s"), state_dict.get("most")) == (
@@ -88,3 +123,4 @@ class TimeBudget(pl.Callback):
             self.most_epochs,
         )
         self.planned = state_dict.get("planned") if same else None
+        self.epoch_lengths = list(state_dict.get("epoch_lengths", []))
