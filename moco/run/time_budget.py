@@ -9,10 +9,10 @@ again, holds it short, as a mean over all epochs would; two slow epochs in a row
 The lr and momentum schedules read the run's length every step (``moco.optim.scheduled``), so
 the cosine ends at the last planned epoch.
 
-A plan may grow only early in the run, while fewer than ``growth_window`` of its planned epochs
-are done: half of them, or fewer if a step schedule drops the lr sooner. There a longer run lifts
-the lr by a hair (a 24-epoch cosine made 25 after epoch 6 rises by about 1%) and undoes no drop.
-Later a plan only shrinks, as growing it would lift a cosine that is nearly done.
+Under a cosine or constant schedule a plan may grow at any epoch: a cosine made one epoch longer
+late in a run lifts the lr by a few per cent of its peak (at epoch 13 of 14, from about 1% to
+about 5%), a small price for an epoch of the budget that would otherwise go unused. Under a step
+schedule it may grow only before the first milestone, so that a later end never undoes a drop.
 
 The plan is made on rank 0 and broadcast, so all processes stop after the same epoch. It travels
 in the checkpoints with the budget it was made for: a run resumed with the same budget and bound
@@ -49,12 +49,12 @@ def expected_epoch_s(epoch_lengths: list[float]) -> float:
 
 
 def growth_window(scheduler_cfg) -> float:
-    """The share of a plan's epochs before which it may still grow: half, or the first milestone
-    of a step schedule if that comes earlier (a later end must not undo a drop)."""
+    """The share of a plan's epochs before which it may still grow: all of them, or the first
+    milestone of a step schedule (a later end must not undo a drop)."""
     milestones = []
     if scheduler_cfg.name == "step":
         milestones = list(scheduler_cfg.get("milestones") or [])
-    return min([0.5, *milestones])
+    return min([1.0, *milestones])
 
 
 class TimeBudget(pl.Callback):
@@ -66,7 +66,7 @@ class TimeBudget(pl.Callback):
     """
 
     def __init__(
-        self, minutes: float, most_epochs: int, clock: TrainingClock, growth_window: float = 0.5
+        self, minutes: float, most_epochs: int, clock: TrainingClock, growth_window: float = 1.0
     ) -> None:
         self.budget_s, self.most_epochs, self.clock = 60.0 * minutes, most_epochs, clock
         self.growth_window = growth_window
