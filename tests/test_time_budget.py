@@ -1,5 +1,7 @@
 """moco.run.time_budget: a run that plans its epochs to fill a time budget."""
 
+import itertools
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -79,7 +81,7 @@ def test_a_plan_grows_and_shrinks_with_the_machine():
     assert trainer.fit_loop.max_epochs == 24
     clock.seconds, trainer.current_epoch = 1500.0, 11  # epochs of 120 s: 29 fit
     budget.on_train_epoch_end(trainer, _Module())
-    assert trainer.fit_loop.max_epochs == 29  # under a cosine a plan grows late too
+    assert trainer.fit_loop.max_epochs == 25  # half of 24 done: one epoch more at a time
     clock.seconds, trainer.current_epoch = 2600.0, 12  # a slow one, taken as a passing one
     budget.on_train_epoch_end(trainer, _Module())
     assert trainer.fit_loop.max_epochs == 21  # the 1000 s left hold 8 epochs of 120 s
@@ -93,9 +95,66 @@ def test_under_a_step_schedule_a_plan_grows_only_before_the_first_drop():
     budget, trainer = TimeBudget(60, 40, clock, growth_window=0.6), _trainer()
     budget.on_train_epoch_end(trainer, _Module())
     assert trainer.fit_loop.max_epochs == 18
-    clock.seconds, trainer.current_epoch = 1400.0, 11  # 12 of 18 done, past 0.6: 32 would fit
+    clock.seconds, trainer.current_epoch = 300.0, 1  # a fast second epoch, before the drop
     budget.on_train_epoch_end(trainer, _Module())
-    assert trainer.fit_loop.max_epochs == 18
+    assert trainer.fit_loop.max_epochs == 24
+    clock.seconds, trainer.current_epoch = 1500.0, 14  # 15 of 24 done, past 0.6: 37 would fit
+    budget.on_train_epoch_end(trainer, _Module())
+    assert trainer.fit_loop.max_epochs == 24
+
+
+def _plans(epoch_s, stop_after=None):
+    """The plan after every epoch of a run whose epochs take ``epoch_s(epoch)`` seconds; with
+    ``stop_after``, the run is stopped after that many epochs and resumed from its state."""
+    clock, trainer = SimpleNamespace(seconds=0.0), _trainer()
+    budget, plans = TimeBudget(60, 40, clock), []
+    while trainer.current_epoch < trainer.fit_loop.max_epochs:
+        clock.seconds += epoch_s(trainer.current_epoch)
+        budget.on_train_epoch_end(trainer, _Module())
+        plans.append(trainer.fit_loop.max_epochs)
+        trainer.current_epoch += 1
+        if trainer.current_epoch == stop_after:
+            resumed = TimeBudget(60, 40, clock)
+            resumed.load_state_dict(budget.state_dict())
+            resumed.on_fit_start(trainer, _Module())
+            budget = resumed
+    return plans, clock.seconds
+
+
+def test_late_in_a_plan_it_grows_by_one_epoch_at_a_time():
+    # Epochs of 120 s, but the 11th and 12th take 400 s: the plan falls from 27 to 16, and once
+    # the machine is fast again 25 epochs would fit. Taking them at once would lift the cosine's
+    # lr at epoch 14 from 4% to 41% of its peak; one epoch at a time lifts it a few per cent.
+    plans, spent = _plans(lambda epoch: 400.0 if epoch in (10, 11) else 120.0)
+    assert plans == [30] * 10 + [27, 16, 16, *range(17, 26), 25, 25, 25]
+    assert spent <= 3600.0
+    steps = 100
+    for done, (before, after) in enumerate(itertools.pairwise(plans), start=2):
+        if after > before:
+            lift = lr_factor(done * steps, after * steps, "cosine", 0) - lr_factor(
+                done * steps, before * steps, "cosine", 0
+            )
+            assert lift <= math.pi / 2 / (before + 1)
+
+
+def test_a_resumed_run_plans_as_one_never_stopped():
+    def epoch_s(epoch):
+        return 443.0 if epoch == 0 else 250.0 + 40.0 * (epoch % 3)
+
+    straight, _ = _plans(epoch_s)
+    for stop_after in (1, 2, 5):
+        assert _plans(epoch_s, stop_after=stop_after)[0] == straight
+
+
+def test_a_checkpoint_without_epoch_lengths_shares_its_time_among_its_epochs():
+    clock = SimpleNamespace(seconds=360.0)  # three epochs in 6 minutes
+    budget = TimeBudget(60, 40, clock)
+    budget.load_state_dict({"planned": 30, "budget_s": 3600.0, "most": 40})
+    trainer = _trainer(epoch=2)
+    budget.on_fit_start(trainer, _Module())
+    budget.on_train_epoch_end(trainer, _Module())
+    assert budget.epoch_lengths == [120.0, 120.0, 120.0]
+    assert trainer.fit_loop.max_epochs == 30  # 3 + 3240 s / 120 s
 
 
 def test_an_epoch_slowed_by_another_job_does_not_shorten_the_plan():

@@ -9,10 +9,13 @@ again, holds it short, as a mean over all epochs would; two slow epochs in a row
 The lr and momentum schedules read the run's length every step (``moco.optim.scheduled``), so
 the cosine ends at the last planned epoch.
 
-Under a cosine or constant schedule a plan may grow at any epoch: a cosine made one epoch longer
-late in a run lifts the lr by a few per cent of its peak (at epoch 13 of 14, from about 1% to
-about 5%), a small price for an epoch of the budget that would otherwise go unused. Under a step
-schedule it may grow only before the first milestone, so that a later end never undoes a drop.
+A plan may grow freely in its first half, while the lr is still at least half its peak. In its
+second half it grows by at most one epoch at each epoch's end: a cosine made one epoch longer
+than a plan of ``P`` epochs lifts the lr (and lowers a cosine momentum) by at most
+pi/2 / (P + 1) of its range (at epoch 13 of 14, from 1.3% to 4.3% of the peak lr), a small price
+for an epoch of the budget that would otherwise go unused, where growing by several would throw
+a run near its end back to a high lr. Under a step schedule it may grow only before the
+first milestone, so that a later end never undoes a drop.
 
 The plan is made on rank 0 and broadcast, so all processes stop after the same epoch. It travels
 in the checkpoints with the budget it was made for: a run resumed with the same budget and bound
@@ -28,6 +31,7 @@ from moco.run.console import print_line
 from moco.run.training_clock import TrainingClock
 
 RECENT_EPOCHS = 3  # the epochs whose median length predicts the next ones
+FREE_GROWTH_SHARE = 0.5  # the share of a plan in which it may grow by more than one epoch
 
 
 def planned_epochs(
@@ -55,6 +59,19 @@ def growth_window(scheduler_cfg) -> float:
     if scheduler_cfg.name == "step":
         milestones = list(scheduler_cfg.get("milestones") or [])
     return min([1.0, *milestones])
+
+
+def allowed_plan(plan: int, planned: int | None, done: int, window: float) -> int:
+    """``plan`` as far as the run may take it after ``done`` epochs of the ``planned``: shorter
+    always; longer without bound in the plan's first half, by one epoch up to ``window`` (its
+    ``growth_window``), not at all after."""
+    if planned is None or plan <= planned:
+        return plan
+    if done >= window * planned:
+        return planned
+    if done >= FREE_GROWTH_SHARE * planned:
+        return planned + 1
+    return plan
 
 
 class TimeBudget(pl.Callback):
@@ -88,8 +105,7 @@ class TimeBudget(pl.Callback):
             self.most_epochs,
             expected_epoch_s(self.epoch_lengths),
         )
-        if self.planned is not None and done >= self.growth_window * self.planned:
-            plan = min(plan, self.planned)
+        plan = allowed_plan(plan, self.planned, done, self.growth_window)
         plan = trainer.strategy.broadcast(plan, src=0)
         if plan != self.planned and trainer.is_global_zero:
             spent, budget = self.clock.seconds / 60, self.budget_s / 60
