@@ -161,15 +161,9 @@ def test_an_epoch_slowed_by_another_job_does_not_shorten_the_plan():
     # The first epoch shares the CPU (443 s), the others take 250 s: 13 fit in the hour. From
     # the third epoch on the plan says so and keeps it, so the cosine's end stays put. A plan
     # from the mean epoch would say 11, 12 and only reach 13 after the eighth epoch.
-    clock, trainer = SimpleNamespace(seconds=0.0), _trainer()
-    budget, plans = TimeBudget(60, 40, clock), []
-    while trainer.current_epoch < trainer.fit_loop.max_epochs:
-        clock.seconds += 443.0 if trainer.current_epoch == 0 else 250.0
-        budget.on_train_epoch_end(trainer, _Module())
-        plans.append(trainer.fit_loop.max_epochs)
-        trainer.current_epoch += 1
+    plans, spent = _plans(lambda epoch: 443.0 if epoch == 0 else 250.0)
     assert plans[2:] == [13] * 11
-    assert clock.seconds <= 3600.0
+    assert spent <= 3600.0
 
 
 def test_the_expected_epoch_is_the_median_of_the_last_three():
