@@ -13,6 +13,7 @@ from conftest import TINY_RUN
 from omegaconf import OmegaConf
 
 from moco.errors import ConfigError
+from moco.momentum import cosine_momentum
 from moco.optim.scheduled import scheduled_optimizer
 from moco.optim.schedules import lr_factor
 from moco.run.check import check_pretrain
@@ -21,12 +22,13 @@ from moco.run.time_budget import TimeBudget, expected_epoch_s, growth_window, pl
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_planned_epochs_are_those_done_and_the_mean_epochs_that_fit():
-    assert planned_epochs(done=1, spent_s=100, budget_s=1000, most=40) == 10
-    assert planned_epochs(done=4, spent_s=400, budget_s=1050, most=40) == 10  # 6.5 more: 6
-    assert planned_epochs(done=1, spent_s=10, budget_s=1000, most=5) == 5  # never past the most
-    assert planned_epochs(done=5, spent_s=600, budget_s=500, most=40) == 5  # over: stop now
-    assert planned_epochs(done=0, spent_s=0, budget_s=500, most=40) == 40  # nothing measured
+def test_planned_epochs_are_those_done_and_the_expected_epochs_that_fit():
+    assert planned_epochs(done=1, spent_s=100, budget_s=1000, most=40, epoch_s=100) == 10
+    assert planned_epochs(done=4, spent_s=400, budget_s=1050, most=40, epoch_s=100) == 10  # 6.5
+    assert planned_epochs(done=2, spent_s=500, budget_s=1000, most=40, epoch_s=100) == 7
+    assert planned_epochs(done=1, spent_s=10, budget_s=1000, most=5, epoch_s=10) == 5  # the most
+    assert planned_epochs(done=5, spent_s=600, budget_s=500, most=40, epoch_s=120) == 5  # over
+    assert planned_epochs(done=0, spent_s=0, budget_s=500, most=40, epoch_s=0) == 40  # nothing yet
 
 
 class _Strategy:
@@ -135,6 +137,11 @@ def test_late_in_a_plan_it_grows_by_one_epoch_at_a_time():
                 done * steps, before * steps, "cosine", 0
             )
             assert lift <= math.pi / 2 / (before + 1)
+            # MoCo v3's cosine momentum falls back towards its base by no more of its range
+            fall = cosine_momentum(0.99, done * steps, before * steps) - cosine_momentum(
+                0.99, done * steps, after * steps
+            )
+            assert 0 < fall <= (1 - 0.99) * math.pi / 2 / (before + 1)
 
 
 def test_a_resumed_run_plans_as_one_never_stopped():
@@ -170,7 +177,6 @@ def test_the_expected_epoch_is_the_median_of_the_last_three():
     assert expected_epoch_s([400.0]) == 400.0
     assert expected_epoch_s([400.0, 100.0]) == 250.0
     assert expected_epoch_s([900.0, 100.0, 110.0, 500.0]) == 110.0  # the first is forgotten
-    assert planned_epochs(done=2, spent_s=500, budget_s=1000, most=40, epoch_s=100) == 7
 
 
 @pytest.mark.parametrize(

@@ -100,26 +100,35 @@ def _training_seconds(run_dir: Path) -> str | None:
     return _last_logged(run_dir, "time/train_s")
 
 
-def _per_epoch(run_dir: Path, key: str) -> dict[int, float]:
-    """{epoch (1-based): value} of ``key`` as the run's metrics.csv logged it (last value wins)."""
-    points = {}
+def _per_epoch(run_dir: Path, *keys: str) -> dict[str, dict[int, float]]:
+    """{key: {epoch (1-based): value}} of each of ``keys`` as the run's metrics.csv logged them
+    (last value wins), in one pass over the file."""
+    points: dict[str, dict[int, float]] = {key: {} for key in keys}
     with (run_dir / "logs" / "metrics.csv").open() as f:
         for record in csv.DictReader(f):
-            value = record.get(key)
-            if value not in (None, "") and not math.isnan(float(value)):
-                points[int(record["epoch"]) + 1] = float(value)
+            for key in keys:
+                value = record.get(key)
+                if value not in (None, "") and not math.isnan(float(value)):
+                    points[key][int(record["epoch"]) + 1] = float(value)
     return points
 
 
 def knn_per_epoch(run_dir: Path) -> list[tuple[int, float]]:
     """(epoch, knn_top1) as the online monitor logged them, in epoch order (1-based epochs)."""
-    return sorted(_per_epoch(run_dir, "knn_top1").items())
+    return sorted(_per_epoch(run_dir, "knn_top1")["knn_top1"].items())
 
 
 def knn_per_minute(run_dir: Path) -> list[tuple[float, float]]:
     """(training minutes at the end of the epoch, knn_top1), for the epochs with both logged."""
-    knn, seconds = _per_epoch(run_dir, "knn_top1"), _per_epoch(run_dir, "time/train_s")
-    return [(seconds[e] / 60, knn[e]) for e in sorted(knn) if e in seconds]
+    return [(minutes, knn) for _, minutes, knn in _knn_curve(run_dir) if minutes is not None]
+
+
+def _knn_curve(run_dir: Path) -> list[tuple[int, float | None, float]]:
+    """(epoch, training minutes at its end or None where no clock was logged, knn_top1), in epoch
+    order."""
+    logged = _per_epoch(run_dir, "knn_top1", "time/train_s")
+    knn, seconds = logged["knn_top1"], logged["time/train_s"]
+    return [(e, seconds[e] / 60 if e in seconds else None, knn[e]) for e in sorted(knn)]
 
 
 CURVE_COLUMNS = ("epoch", "training_minutes", "knn_top1")
@@ -128,14 +137,12 @@ CURVE_COLUMNS = ("epoch", "training_minutes", "knn_top1")
 def save_curve(run_dir: Path, path: Path) -> None:
     """The run's online kNN after each epoch, with the training minutes at that epoch's end
     (empty where the run logged no clock), as CSV with the columns of ``CURVE_COLUMNS``."""
-    seconds = _per_epoch(run_dir, "time/train_s")
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         out = csv.writer(f, lineterminator="\n")
         out.writerow(CURVE_COLUMNS)
-        for epoch, knn in knn_per_epoch(run_dir):
-            minutes = f"{seconds[epoch] / 60:.2f}" if epoch in seconds else ""
-            out.writerow([epoch, minutes, f"{knn:.2f}"])
+        for epoch, minutes, knn in _knn_curve(run_dir):
+            out.writerow([epoch, "" if minutes is None else f"{minutes:.2f}", f"{knn:.2f}"])
 
 
 def load_curve(path: Path) -> tuple[list[tuple[int, float]], list[tuple[float, float]]]:

@@ -34,15 +34,12 @@ RECENT_EPOCHS = 3  # the epochs whose median length predicts the next ones
 FREE_GROWTH_SHARE = 0.5  # the share of a plan in which it may grow by more than one epoch
 
 
-def planned_epochs(
-    done: int, spent_s: float, budget_s: float, most: int, epoch_s: float | None = None
-) -> int:
+def planned_epochs(done: int, spent_s: float, budget_s: float, most: int, epoch_s: float) -> int:
     """The epochs a run should have when ``done`` of them took ``spent_s`` seconds of a budget of
-    ``budget_s``: those done and as many more epochs of ``epoch_s`` seconds (by default their
-    mean length) as fit, at most ``most``."""
-    if done < 1 or spent_s <= 0:
+    ``budget_s``: those done and as many more epochs of ``epoch_s`` seconds as fit, at most
+    ``most``."""
+    if done < 1 or spent_s <= 0 or epoch_s <= 0:
         return most
-    epoch_s = epoch_s if epoch_s and epoch_s > 0 else spent_s / done
     more = math.floor(max(budget_s - spent_s, 0.0) / epoch_s)
     return max(done, min(done + more, most))
 
