@@ -4,17 +4,18 @@
     python scripts/benchmark.py --batch 64 --queue-size 4096 --steps 3 --warmup 1 --interleave
     python scripts/benchmark.py --interleave --variants floor,moco,official,loop
     python scripts/benchmark.py --interleave --variants floor,floor_nchw   # channels_last
+    python scripts/benchmark.py --interleave --variants floor,floor_plain_convs --stem imagenet
     python scripts/benchmark.py --variants loop_w0,loop_w1,loop_w2 --threads 1,2
     python scripts/benchmark.py --variants levers,moco_noclone,moco_compiled
 
 Variants (moco/tools/benchmark/ says what each measures): floor, moco, official, loop (the
 configured data.num_workers), loop_w<n> (n workers), moco_noclone, moco_compiled, floor_nchw,
-levers. Each comma-separated list of --stem, --precision, --channels-last, --threads and --malloc
-makes one case per combination. Each measurement runs in a fresh process (peak memory: its
-ru_maxrss) unless --in-process; --interleave runs the step variants of a case in one process,
-a step of each in turn, which is what makes their ratios fair on a machine shared with other
-jobs. The second line above is a quick run. Prints one table per case and writes everything
-to --json.
+floor_plain_convs, levers. Each comma-separated list of --stem, --precision, --channels-last,
+--threads and --malloc makes one case per combination. Each measurement runs in a fresh process
+(peak memory: its ru_maxrss) unless --in-process; --interleave runs the step variants of a case
+in one process, a step of each in turn, which is what makes their ratios fair on a machine
+shared with other jobs. The second line above is a quick run. Prints one table per case and
+writes everything to --json.
 """
 
 import argparse

@@ -47,7 +47,7 @@ def ratios(results: dict) -> dict:
     pairs = [("moco", "floor"), ("moco", "official")]
     pairs += [(name, "floor") for name in results if is_loop(name)]
     pairs += [(name, "moco") for name in ("moco_noclone", "moco_compiled") if name in results]
-    pairs += [("floor", "floor_nchw")]
+    pairs += [("floor", "floor_nchw"), ("floor", "floor_plain_convs")]
     for a, b in pairs:
         if ips(a) and ips(b):
             out[f"{a}/{b}"] = ips(a) / ips(b)

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 MAIN_VARIANTS = ("floor", "moco", "official", "loop")
-EXTRA_VARIANTS = ("moco_noclone", "moco_compiled", "floor_nchw", "levers")
+EXTRA_VARIANTS = ("moco_noclone", "moco_compiled", "floor_nchw", "floor_plain_convs", "levers")
 _LOOP = re.compile(r"^loop(?:_w(\d+))?$")
 
 

@@ -26,9 +26,12 @@ Step = Callable[[int], None]
 StepMaker = Callable[["DictConfig", str], Step]
 
 
-def floor_step(cfg: DictConfig, device: str) -> Step:
-    """Bare encoders: query forward + backward + optimizer step, key forward."""
+def floor_step(cfg: DictConfig, device: str, prepare=None) -> Step:
+    """Bare encoders: query forward + backward + optimizer step, key forward. ``prepare(model)``,
+    if given, alters the model first (another variant's one difference)."""
     model = build_moco(cfg, device)
+    if prepare is not None:
+        prepare(model)
     encoder_q, encoder_k = model.encoder_q, model.encoder_k
     opt = optimizer(cfg, encoder_q.parameters())
     view_q, view_k = synthetic_views(cfg, device)
@@ -44,6 +47,14 @@ def floor_step(cfg: DictConfig, device: str) -> Step:
         opt.step()
 
     return step
+
+
+def floor_plain_convs_step(cfg: DictConfig, device: str) -> Step:
+    """As ``floor`` with every 3x3 convolution a plain ``nn.Conv2d``: what the matrix products of
+    ``moco.small_map_conv`` save on 1x1 and 2x2 maps."""
+    from moco.small_map_conv import use_small_map_convs
+
+    return floor_step(cfg, device, prepare=lambda model: use_small_map_convs(model, enabled=False))
 
 
 def moco_step(cfg: DictConfig, device: str, compiled: bool = False) -> Step:
@@ -113,6 +124,7 @@ STEP_MAKERS: dict[str, StepMaker] = {
     "moco_noclone": moco_noclone_step,
     "moco_compiled": lambda cfg, device: moco_step(cfg, device, compiled=True),
     "official": official_step,
+    "floor_plain_convs": floor_plain_convs_step,
     "floor_nchw": lambda cfg, device: floor_step(
         with_overrides(cfg, "model.channels_last=false"), device
     ),
