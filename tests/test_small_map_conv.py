@@ -27,26 +27,43 @@ def test_on_small_maps_it_is_the_full_convolution(side, bias, channels_last):
     out = conv(x)
     full = F.conv2d(x, conv.weight, conv.bias, padding=1)
     torch.testing.assert_close(out, full)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last or side == (1, 1)
     grad = torch.randn_like(full)
-    got = torch.autograd.grad(out, [x, conv.weight], grad)
-    want = torch.autograd.grad(full, [x, conv.weight], grad)
-    torch.testing.assert_close(got[0], want[0])
-    torch.testing.assert_close(got[1], want[1])
+    inputs = [x, conv.weight] + ([conv.bias] if bias else [])
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(full, inputs, grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
     if side == (1, 1):  # only the centre tap meets a 1x1 map
         assert got[1][:, :, 1, 1].abs().sum() > 0 and got[1][:, :, 0, 0].abs().sum() == 0
 
 
-def test_on_larger_maps_it_is_an_ordinary_convolution():
+def test_on_larger_maps_and_unbatched_input_it_is_an_ordinary_convolution():
     conv = SmallMapConv2d(3, 4, 3, padding=1)
     x = torch.randn(2, 3, 3, 5)
     torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+    torch.testing.assert_close(
+        conv(x[0, :, :2, :2]), F.conv2d(x[0, :, :2, :2], conv.weight, conv.bias, padding=1)
+    )
+
+
+@pytest.mark.parametrize(
+    "settings", [{"stride": 2}, {"padding": 0}, {"dilation": 2}, {"groups": 3}]
+)
+def test_it_refuses_the_convolutions_it_does_not_compute(settings):
+    with pytest.raises(ValueError, match="3x3 stride-1"):
+        SmallMapConv2d(3, 6, 3, **{"padding": 1, **settings})
 
 
 def test_only_3x3_stride_1_padded_convolutions_change_and_the_weights_keep_their_names():
     net = torchvision.models.resnet18(weights=None)
-    keys = list(net.state_dict())
+    before = dict(net.named_parameters())
+    rng = torch.random.get_rng_state()
     use_small_map_convs(net)
-    assert list(net.state_dict()) == keys  # a plain ResNet to checkpoints and exports
+    assert torch.equal(torch.random.get_rng_state(), rng)  # seeded runs draw as before
+    after = dict(net.named_parameters())
+    assert list(after) == list(before)  # a plain ResNet to checkpoints and exports
+    assert all(after[name] is before[name] for name in before)  # the same tensors
     for name, module in net.named_modules():
         if isinstance(module, nn.Conv2d):
             plain_3x3 = module.kernel_size == (3, 3) and module.stride == (1, 1)
