@@ -19,7 +19,7 @@ from torch import nn
 
 from moco.batchnorm import SplitBatchNorm, SplitBatchNorm1d
 from moco.errors import ConfigError
-from moco.small_map_conv import use_small_map_convs
+from moco.single_pixel_conv import use_single_pixel_convs
 from moco.vit import VITS, build_vit
 
 BACKBONES = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
@@ -88,7 +88,7 @@ def build_backbone(
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     net.feature_dim = net.fc.in_features
     net.fc = nn.Identity()
-    return use_small_map_convs(net)  # exact, and cheaper on the 1x1 and 2x2 maps of 28-px images
+    return use_single_pixel_convs(net)  # exact; layer4 of 28-px images runs several times faster
 
 
 def zero_init_residual(net: nn.Module) -> None:

@@ -51,10 +51,12 @@ def floor_step(cfg: DictConfig, device: str, prepare=None) -> Step:
 
 def floor_plain_convs_step(cfg: DictConfig, device: str) -> Step:
     """As ``floor`` with every 3x3 convolution a plain ``nn.Conv2d``: what the matrix products of
-    ``moco.small_map_conv`` save on 1x1 and 2x2 maps."""
-    from moco.small_map_conv import use_small_map_convs
+    ``moco.single_pixel_conv`` save where a convolution's output is one pixel."""
+    from moco.single_pixel_conv import use_single_pixel_convs
 
-    return floor_step(cfg, device, prepare=lambda model: use_small_map_convs(model, enabled=False))
+    return floor_step(
+        cfg, device, prepare=lambda model: use_single_pixel_convs(model, enabled=False)
+    )
 
 
 def moco_step(cfg: DictConfig, device: str, compiled: bool = False) -> Step:
