@@ -16,7 +16,7 @@ Four measurements on the same backbone, image size, batch and precision:
 Optional: ``moco_noclone`` (the module's pieces without the per-step queue copy, enqueue after
 backward), ``moco_compiled`` (encoders under ``torch.compile``), ``floor_nchw`` (the floor
 without channels_last, to compare both in one process), ``floor_plain_convs`` (the floor with
-plain 3x3 convolutions, without ``moco.single_pixel_conv``), ``levers`` (micro-timings of the
+plain 3x3 convolutions, without ``moco.small_map_conv``), ``levers`` (micro-timings of the
 momentum update, the queue copy and the loss).
 
 Images per second are the batch over the median step time after warm-up; the CPU time of the

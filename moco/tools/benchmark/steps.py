@@ -51,11 +51,11 @@ def floor_step(cfg: DictConfig, device: str, prepare=None) -> Step:
 
 def floor_plain_convs_step(cfg: DictConfig, device: str) -> Step:
     """As ``floor`` with every 3x3 convolution a plain ``nn.Conv2d``: what the matrix products of
-    ``moco.single_pixel_conv`` save where a convolution's output is one pixel."""
-    from moco.single_pixel_conv import use_single_pixel_convs
+    ``moco.small_map_conv`` save on maps of at most 2x2 pixels."""
+    from moco.small_map_conv import use_small_map_convs
 
     return floor_step(
-        cfg, device, prepare=lambda model: use_single_pixel_convs(model, enabled=False)
+        cfg, device, prepare=lambda model: use_small_map_convs(model, enabled=False)
     )
 
 
