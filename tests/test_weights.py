@@ -74,8 +74,8 @@ def check_features(name: str, backbone: nn.Module, state: dict, images, **stem) 
     assert got.shape == want.shape == (len(images), backbone.feature_dim)
     diff = (got - want).abs().max().item()
     DIFFS[name] = max(diff, DIFFS.get(name, 0.0))
-    # float32 rounding: the features are the same sums in another order (one-pixel layers as
-    # matrix products, moco/single_pixel_conv.py), so the bound follows their scale
+    # float32 rounding: the features are the same sums in another order (small-map layers as
+    # matrix products, moco/small_map_conv.py), so the bound follows their scale
     scale = max(1.0, want.abs().max().item())
     assert diff < 1e-5 * scale, (diff, scale)
     assert not backbone.training and not any(p.requires_grad for p in backbone.parameters())

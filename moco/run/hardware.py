@@ -38,7 +38,7 @@ def resolve_precision(
     most SMALL_IMAGE_MAX_SIZE px (maps of 16x16 and less) ran slower in bf16 than in fp32, the
     casts around each small convolution costing more than AMX saves. With AVX512-BF16 alone the
     same model ran faster in bf16, as every other stem does on both kinds. Measured before the
-    single-pixel convolutions (moco/single_pixel_conv.py) made layer4 cheaper at 28 px.
+    small-map convolutions (moco/small_map_conv.py) made layer3 and layer4 cheaper at 28 px.
     """
     if str(precision) != "auto":
         return str(precision)
@@ -70,8 +70,8 @@ def stem_for_machine(accelerator: str) -> str:
     stem's speed and learns more per epoch: its hour ended ahead in the probe and level in kNN.
     On the other CPUs it ran at 0.3-0.4 of that speed or less, too few epochs for the hour, so
     they keep the ImageNet stem (7x7 maps), as do GPUs, where it was never measured against it.
-    These speeds predate the single-pixel convolutions (moco/single_pixel_conv.py), which make
-    the ImageNet stem's layer4 several times cheaper: the rule awaits new runs.
+    These speeds predate the small-map convolutions (moco/small_map_conv.py), which make the
+    ImageNet stem's layer3 and layer4 several times cheaper: the rule awaits new runs.
     """
     if not uses_cuda(accelerator) and accelerator in ("cpu", "auto") and cpu_bf16_kind() == "amx":
         return "small_pool"
