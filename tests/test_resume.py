@@ -106,8 +106,11 @@ def _epoch_logged(run_dir: Path, epoch: int) -> bool:
         )
 
 
-def _start_and_kill_when(run_dir: Path, ready, *extra: str, env=None, signum=signal.SIGKILL):
-    """Start a training run, wait until ``ready()``, send it ``signum``; return its exit code."""
+def _start_and_kill_when(
+    run_dir: Path, ready, *extra: str, env=None, signum=signal.SIGKILL, exit_within_s=300
+):
+    """Start a training run, wait until ``ready()``, send it ``signum``; return its exit code
+    and stderr. A run still alive ``exit_within_s`` seconds after the signal fails the test."""
     process = subprocess.Popen(
         _command(run_dir, *extra),
         cwd=REPO,
@@ -121,7 +124,12 @@ def _start_and_kill_when(run_dir: Path, ready, *extra: str, env=None, signum=sig
         assert time.monotonic() < deadline, "not ready after 10 minutes"
         time.sleep(0.02)
     process.send_signal(signum)
-    code = process.wait(timeout=300)
+    try:
+        code = process.wait(timeout=exit_within_s)
+    except subprocess.TimeoutExpired:
+        process.kill()  # its loader workers follow when they see their parent gone
+        process.wait()
+        pytest.fail(f"the run was still alive {exit_within_s} s after {signum!r}")
     stderr = process.stderr.read().decode()
     process.stderr.close()
     assert (run_dir / "checkpoints").is_dir(), stderr[-3000:]
@@ -277,6 +285,25 @@ def test_slurm_stop_signals_checkpoint_requeue_and_the_requeued_job_ends_the_sam
     assert 2 * STEPS_PER_EPOCH < _resumed_step(done.stdout) < 3 * STEPS_PER_EPOCH
     assert [p.name for p in (tmp_path / "runs" / "synthetic").iterdir()] == ["slurm-4242"]
     _assert_same_training(straight_per_image, run_dir)
+
+
+@pytest.mark.slow
+def test_a_stop_signal_ends_a_run_whose_knn_monitor_keeps_loader_workers(tmp_path):
+    """The kNN monitor keeps its loader workers from one epoch to the next, and loader workers
+    ignore SIGTERM. Lightning gives a fit that ends on an exception (here the stop signal's
+    checkpoint-and-exit) no teardown hook: unless the monitor lets go of its workers then,
+    Python's exit, which terminates and joins them, waits for ever."""
+    run_dir = tmp_path / "run"
+    monitor = ["eval.enabled=true", "eval.bank_size=32", "eval.test_size=16", "eval.k=5"]
+    code, stderr = _start_and_kill_when(
+        run_dir,
+        lambda: _epoch_logged(run_dir, 0),  # the monitor has run once: its workers are up
+        *monitor,
+        signum=signal.SIGTERM,
+        exit_within_s=60,
+    )
+    assert code == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "SIGTERM at step " in stderr, stderr[-3000:]
 
 
 @pytest.mark.slow

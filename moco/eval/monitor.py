@@ -107,3 +107,9 @@ class KNNMonitor(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._loaders.clear()  # their workers stop with them
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exc) -> None:
+        # A fit that ends on an exception (a stop signal's checkpoint-and-exit, a crash) gets no
+        # teardown. Kept workers would then live to the interpreter's exit, which terminates
+        # and joins them; they ignore SIGTERM (moco/data/workers.py), so it would wait for ever.
+        self._loaders.clear()
