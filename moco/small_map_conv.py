@@ -13,7 +13,7 @@ an ordinary ``nn.Conv2d``. It keeps the full 3x3 weight, so checkpoints and expo
 ResNet.
 """
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -36,15 +36,21 @@ def _eligible(conv: nn.Conv2d) -> bool:
     )
 
 
-@lru_cache(maxsize=None)
-def _tap_of_pair(height: int, width: int, stride: int) -> tuple[torch.Tensor, int, int]:
+@cache
+def _tap_of_pair(height: int, width: int, stride: int) -> tuple[tuple[int, ...], int, int]:
     """For every (output pixel, input pixel) pair in row-major order, the index (3 * row + col)
-    of the kernel tap that joins them; and the output's height and width."""
+    of the kernel tap that joins them; and the output's height and width. Plain integers, so
+    the cache holds nothing of its first caller's device or mode (a tensor made under
+    ``torch.inference_mode`` could not be saved for a later backward)."""
     out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
-    rows = torch.arange(height)[None, :] - stride * torch.arange(out_h)[:, None] + 1  # out x in
-    cols = torch.arange(width)[None, :] - stride * torch.arange(out_w)[:, None] + 1
-    tap = 3 * rows[:, None, :, None] + cols[None, :, None, :]  # out_h x out_w x height x width
-    return tap.reshape(-1), out_h, out_w
+    tap = tuple(
+        3 * (pi - stride * qi + 1) + (pj - stride * qj + 1)
+        for qi in range(out_h)
+        for qj in range(out_w)
+        for pi in range(height)
+        for pj in range(width)
+    )
+    return tap, out_h, out_w
 
 
 class SmallMapConv2d(nn.Conv2d):
@@ -67,7 +73,7 @@ class SmallMapConv2d(nn.Conv2d):
         # taps[t] = weight[:, :, t // 3, t % 3]: a view for NCHW and NHWC weights alike.
         taps = self.weight.permute(2, 3, 0, 1).flatten(0, 1)
         matrix = (
-            taps.index_select(0, tap.to(taps.device))  # (out pixel, in pixel) x O x C
+            taps.index_select(0, torch.tensor(tap, device=taps.device))  # (out, in) x O x C
             .view(outputs, inputs, self.out_channels, channels)
             .permute(0, 2, 1, 3)
             .reshape(outputs * self.out_channels, inputs * channels)

@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from moco.encoders import build_backbone
-from moco.small_map_conv import SmallMapConv2d, use_small_map_convs
+from moco.small_map_conv import SmallMapConv2d, _tap_of_pair, use_small_map_convs
 
 # (input side, stride): every map it takes as a matrix product
 SMALL_MAPS = [(side, stride) for side in ((1, 1), (1, 2), (2, 1), (2, 2)) for stride in (1, 2)]
@@ -51,6 +51,17 @@ def test_a_tap_shared_by_several_pixel_pairs_sums_their_gradients():
     conv(x).sum().backward()
     want = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=torch.float64)
     torch.testing.assert_close(conv.weight.grad[0, 0], want)
+
+
+def test_a_first_call_in_inference_mode_leaves_training_working():
+    # The tap indices are cached per map size: nothing of the first caller's mode may stick.
+    _tap_of_pair.cache_clear()
+    conv = SmallMapConv2d(4, 3, 3, padding=1)
+    with torch.inference_mode():
+        conv(torch.randn(2, 4, 2, 2))
+    x = torch.randn(2, 4, 2, 2, requires_grad=True)
+    conv(x).square().sum().backward()
+    assert conv.weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("side,stride", [((3, 3), 1), ((3, 3), 2), ((3, 5), 1), ((4, 4), 2)])

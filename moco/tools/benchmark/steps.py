@@ -54,9 +54,7 @@ def floor_plain_convs_step(cfg: DictConfig, device: str) -> Step:
     ``moco.small_map_conv`` save on maps of at most 2x2 pixels."""
     from moco.small_map_conv import use_small_map_convs
 
-    return floor_step(
-        cfg, device, prepare=lambda model: use_small_map_convs(model, enabled=False)
-    )
+    return floor_step(cfg, device, prepare=lambda model: use_small_map_convs(model, enabled=False))
 
 
 def moco_step(cfg: DictConfig, device: str, compiled: bool = False) -> Step:
