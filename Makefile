@@ -53,7 +53,8 @@ results: install data
 export: install
 	$(PY) scripts/export.py checkpoint=$(CHECKPOINT) $(ARGS)
 
-test: install
+# Lint first: a style slip fails in seconds, not after the whole suite.
+test: lint
 	$(PY) -m pytest $(ARGS)
 
 lint: install
