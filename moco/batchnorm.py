@@ -12,18 +12,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+def split_sizes(n: int, num_splits: int) -> list[int]:
+    """Sizes of the contiguous splits of a batch of ``n``: as equal as possible, the larger first,
+    never empty (fewer splits than ``num_splits`` when ``n`` is smaller)."""
+    parts = min(n, num_splits)
+    base, extra = divmod(n, parts)
+    return [base + 1] * extra + [base] * (parts - extra)
 
 
 class _SplitStatistics:
     """The training-mode forward of a BatchNorm whose statistics are computed per split of the
     batch, for any number of dimensions after the channels; mixed into BatchNorm1d and 2d.
 
-    Sample ``i`` belongs to split ``i % num_splits``. Running statistics are updated with the
-    average of the per-split statistics. In eval mode the layer is the plain BatchNorm it is
+    The splits are contiguous blocks of the batch (``split_sizes``), as the ranks of a DDP run
+    hold contiguous blocks of the global batch. Each is normalised by its own ``F.batch_norm``:
+    a block of a channels_last batch is itself channels_last, so neither the forward nor the
+    backward pass copies the activations into another layout, and autograd's backward of
+    ``split`` and ``cat`` joins the gradients in one copy. Running statistics are updated with
+    the average of the per-split statistics. In eval mode the layer is the plain BatchNorm it is
     mixed into, so its weights load into one, and ``isinstance`` tells the two kinds apart.
     """
 
@@ -36,38 +42,18 @@ class _SplitStatistics:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.num_splits == 1:
             return super().forward(x)
-        n, c = x.shape[:2]
-        splits = self.num_splits
-        if n % splits == 0:
-            # Fast path: fold the splits into channels so one batch_norm call does all of them.
-            # view(n/s, s*c, ...): channel j*c + ch of row b is channel ch of sample b*s + j.
-            folded = x.reshape(n // splits, c * splits, *x.shape[2:])
-            out = self._norm(
-                folded, self.running_mean.repeat(splits), self.running_var.repeat(splits), splits
+        momentum = self._momentum()
+        outputs, means, variances = [], [], []
+        for part in x.split(split_sizes(len(x), self.num_splits)):
+            # Each split updates its own copy of the running statistics; they are averaged below.
+            mean, var = self.running_mean.clone(), self.running_var.clone()
+            outputs.append(
+                F.batch_norm(part, mean, var, self.weight, self.bias, True, momentum, self.eps)
             )
-            # The fold is a copy in NCHW; give the next layer the layout it was given (NHWC
-            # when the encoder runs channels_last), or every later conv pays a conversion.
-            return out.reshape(x.shape).contiguous(memory_format=_memory_format(x))
-        # Batch not divisible (e.g. a short last batch): normalise each split on its own.
-        out = torch.empty_like(x)
-        means, vars_ = [], []
-        for j in range(min(splits, n)):
-            rm, rv = self.running_mean.clone(), self.running_var.clone()
-            out[j::splits] = F.batch_norm(
-                x[j::splits], rm, rv, self.weight, self.bias, True, self._momentum(), self.eps
-            )
-            means.append(rm)
-            vars_.append(rv)
-        self._store_running(torch.stack(means).mean(0), torch.stack(vars_).mean(0))
-        return out
-
-    def _norm(self, folded: torch.Tensor, rm: torch.Tensor, rv: torch.Tensor, splits: int):
-        weight = self.weight.repeat(splits) if self.weight is not None else None
-        bias = self.bias.repeat(splits) if self.bias is not None else None
-        out = F.batch_norm(folded, rm, rv, weight, bias, True, self._momentum(), self.eps)
-        c = self.num_features
-        self._store_running(rm.view(splits, c).mean(0), rv.view(splits, c).mean(0))
-        return out
+            means.append(mean)
+            variances.append(var)
+        self._store_running(torch.stack(means).mean(0), torch.stack(variances).mean(0))
+        return torch.cat(outputs)
 
     def _momentum(self) -> float:
         if self.momentum is not None:

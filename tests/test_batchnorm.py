@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from moco.batchnorm import SplitBatchNorm, SplitBatchNorm1d
+from moco.batchnorm import SplitBatchNorm, SplitBatchNorm1d, split_sizes
 
 DT = torch.float64
 TOL = {"atol": 1e-12, "rtol": 1e-10}
@@ -42,20 +42,25 @@ def batch(n: int, seed: int = 1, h: int = 4, w: int = 3) -> torch.Tensor:
     )
 
 
-def reference_forward(bn: SplitBatchNorm, x: torch.Tensor, upstream: torch.Tensor):
-    """One nn.BatchNorm2d per split j = {i : i % s == j}, all starting from bn's state.
+def blocks(n: int, splits: int) -> list[list[int]]:
+    """The members of each split, written out: contiguous blocks whose sizes differ by at most
+    one, the larger first, as the ranks of a DDP run would hold the batch."""
+    parts = min(n, splits)
+    sizes = [n // parts + (1 if j < n % parts else 0) for j in range(parts)]
+    starts = [sum(sizes[:j]) for j in range(parts)]
+    return [list(range(start, start + size)) for start, size in zip(starts, sizes, strict=True)]
 
-    Returns the output, the running mean/var averaged over the (non-empty) splits, and the
-    gradients of sum(out * upstream) with respect to x, weight and bias.
+
+def reference_forward(bn: SplitBatchNorm, x: torch.Tensor, upstream: torch.Tensor):
+    """One nn.BatchNorm2d per split (``blocks``), all starting from bn's state.
+
+    Returns the output, the running mean/var averaged over the splits, and the gradients of
+    sum(out * upstream) with respect to x, weight and bias.
     """
-    s, n = bn.num_splits, x.shape[0]
     x = x.detach().clone().requires_grad_()
     out = torch.zeros_like(x)
     copies = []
-    for j in range(s):
-        idx = list(range(j, n, s))
-        if not idx:
-            continue
+    for idx in blocks(x.shape[0], bn.num_splits):
         ref = plain_copy(bn).train()
         part = ref(x[idx])
         out = out.index_put((torch.tensor(idx),), part)
@@ -102,33 +107,34 @@ def test_train_mode_equals_batchnorm_per_split(n, splits):
         torch.testing.assert_close(got, want, **TOL, msg=name)
 
 
-def test_split_assignment_is_sample_index_mod_num_splits():
-    """Contiguous halves would be a different (wrong) split: the reference must tell them apart."""
+def test_splits_are_contiguous_blocks_not_interleaved_samples():
+    """Interleaved samples (i % 2) would be another split: the reference must tell them apart."""
     bn = make_split_bn(2)
     x = batch(8)
     out, _ = split_forward(bn, x, torch.ones_like(x))
-    ref = plain_copy(make_split_bn(2)).train()
-    contiguous = torch.cat([ref(x[:4]), plain_copy(make_split_bn(2)).train()(x[4:])]).detach()
-    assert not torch.allclose(out, contiguous, atol=1e-3)
     interleaved = torch.empty_like(x)
     interleaved[0::2] = plain_copy(make_split_bn(2)).train()(x[0::2]).detach()
     interleaved[1::2] = plain_copy(make_split_bn(2)).train()(x[1::2]).detach()
-    torch.testing.assert_close(out, interleaved, **TOL)
+    assert not torch.allclose(out, interleaved, atol=1e-3)
+    halves = torch.cat([plain_copy(make_split_bn(2)).train()(half) for half in (x[:4], x[4:])])
+    torch.testing.assert_close(out, halves.detach(), **TOL)
 
 
-def test_fast_and_loop_paths_agree():
-    """A 6-batch in 3 splits takes the folded fast path; adding a 7th sample forces the per-split
-    loop and changes split 0 only. Splits 1 and 2 have the same members in both batches, so the two
-    code paths must give them identical outputs."""
-    x6 = batch(6)
-    x7 = torch.cat([x6, batch(1, seed=9)])  # sample 6 joins split 0 only
-    fast = make_split_bn(3)
-    loop = make_split_bn(3)
-    out6, _ = split_forward(fast, x6, torch.ones_like(x6))
-    out7, _ = split_forward(loop, x7, torch.ones_like(x7))
-    for j in (1, 2):  # same members in both batches
-        torch.testing.assert_close(out7[j:6:3], out6[j::3], **TOL)
-    assert not torch.allclose(out7[0:6:3], out6[0::3])  # split 0 got a new member
+@pytest.mark.parametrize(
+    "n,splits,sizes",
+    [(8, 4, [2] * 4), (9, 4, [3, 2, 2, 2]), (11, 4, [3, 3, 3, 2]), (2, 3, [1, 1]), (5, 1, [5])],
+)
+def test_split_sizes_differ_by_at_most_one_and_are_never_empty(n, splits, sizes):
+    assert split_sizes(n, splits) == sizes
+
+
+def test_channels_last_gradient_stays_channels_last():
+    """The next layer's backward gets its gradient in the layout its forward ran in: a conversion
+    there would cost what the splits in blocks save."""
+    x = batch(8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    upstream = batch(8, seed=2).contiguous(memory_format=torch.channels_last)
+    (make_split_bn(4).train()(x) * upstream).sum().backward()
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_running_stats_are_the_average_of_per_split_statistics_by_hand():
@@ -139,7 +145,7 @@ def test_running_stats_are_the_average_of_per_split_statistics_by_hand():
     split_forward(bn, x, torch.ones_like(x))
     means, variances = [], []
     for j in range(2):
-        part = x[j::2].transpose(0, 1).reshape(C, -1)  # C x (n/2 * H * W)
+        part = x[3 * j : 3 * (j + 1)].transpose(0, 1).reshape(C, -1)  # C x (n/2 * H * W)
         means.append(part.mean(1))
         variances.append(part.var(1, unbiased=True))
     torch.testing.assert_close(bn.running_mean, 0.9 * rm0 + 0.1 * torch.stack(means).mean(0), **TOL)
@@ -231,7 +237,7 @@ def test_invalid_num_splits_raises():
 
 @pytest.mark.parametrize("n,splits", [(8, 2), (12, 4), (7, 3)], ids=["8/2", "12/4", "7/3"])
 def test_1d_train_mode_equals_batchnorm1d_per_split(n, splits):
-    """The BatchNorm of the mlp_bn head: (N, C) rows, normalised per split i % splits."""
+    """The BatchNorm of the mlp_bn head: (N, C) rows, normalised per split (``blocks``)."""
     bn = SplitBatchNorm1d(C, num_splits=splits).to(DT)
     with torch.no_grad():
         bn.weight.copy_(torch.tensor([0.5, 1.5, 2.0], dtype=DT))
@@ -239,10 +245,10 @@ def test_1d_train_mode_equals_batchnorm1d_per_split(n, splits):
     x = batch(n, h=1, w=1).flatten(1)  # N x C, each sample with its own offset and scale
     want = torch.empty_like(x)
     refs = []
-    for j in range(splits):
+    for idx in blocks(n, splits):
         ref = nn.BatchNorm1d(C).to(DT).train()
         ref.load_state_dict(nn.BatchNorm1d.state_dict(bn))
-        want[j::splits] = ref(x[j::splits]).detach()
+        want[idx] = ref(x[idx]).detach()
         refs.append(ref)
     got = bn.train()(x)
     torch.testing.assert_close(got, want, **TOL)
