@@ -53,6 +53,16 @@ def _tap_of_pair(height: int, width: int, stride: int) -> tuple[tuple[int, ...],
     return tap, out_h, out_w
 
 
+@cache
+def _tap_index(height: int, width: int, stride: int, device: torch.device) -> torch.Tensor:
+    """``_tap_of_pair``'s taps as an index tensor on ``device``, made once per map size: a step
+    on a GPU then copies no indices from the host. Made outside inference mode whatever the
+    caller's mode, so a first call under ``torch.inference_mode`` cannot leave an index that a
+    later training step's backward refuses to save."""
+    with torch.inference_mode(False):
+        return torch.tensor(_tap_of_pair(height, width, stride)[0], device=device)
+
+
 class SmallMapConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` (3x3, stride 1 or 2, zero padding 1, no groups or dilation) that computes
     its output on maps of at most 2x2 pixels as one matrix product."""
@@ -68,13 +78,13 @@ class SmallMapConv2d(nn.Conv2d):
         if x.dim() != 4 or max(x.shape[-2:]) > MAX_SIDE:
             return super().forward(x)
         n, channels, height, width = x.shape
-        tap, out_h, out_w = _tap_of_pair(height, width, self.stride[0])
+        _, out_h, out_w = _tap_of_pair(height, width, self.stride[0])
         outputs, inputs = out_h * out_w, height * width
         # taps[t] = weight[:, :, t // 3, t % 3]: a view for NCHW and NHWC weights alike.
         taps = self.weight.permute(2, 3, 0, 1).flatten(0, 1)
         matrix = (
-            taps.index_select(0, torch.tensor(tap, device=taps.device))  # (out, in) x O x C
-            .view(outputs, inputs, self.out_channels, channels)
+            taps.index_select(0, _tap_index(height, width, self.stride[0], taps.device))
+            .view(outputs, inputs, self.out_channels, channels)  # (out, in) pairs x O x C
             .permute(0, 2, 1, 3)
             .reshape(outputs * self.out_channels, inputs * channels)
         )

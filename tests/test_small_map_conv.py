@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from moco.encoders import build_backbone
-from moco.small_map_conv import SmallMapConv2d, _tap_of_pair, use_small_map_convs
+from moco.small_map_conv import SmallMapConv2d, _tap_index, _tap_of_pair, use_small_map_convs
 
 # (input side, stride): every map it takes as a matrix product
 SMALL_MAPS = [(side, stride) for side in ((1, 1), (1, 2), (2, 1), (2, 2)) for stride in (1, 2)]
@@ -56,6 +56,7 @@ def test_a_tap_shared_by_several_pixel_pairs_sums_their_gradients():
 def test_a_first_call_in_inference_mode_leaves_training_working():
     # The tap indices are cached per map size: nothing of the first caller's mode may stick.
     _tap_of_pair.cache_clear()
+    _tap_index.cache_clear()
     conv = SmallMapConv2d(4, 3, 3, padding=1)
     with torch.inference_mode():
         conv(torch.randn(2, 4, 2, 2))
