@@ -22,7 +22,9 @@ class OfficialStyleMoCo:
     """MoCo as the official implementation writes it, on one device, in fp32 and NCHW.
 
     Same backbone and head as ours (including SplitBatchNorm, as the official CIFAR demo uses on
-    one GPU), so that only the MoCo bookkeeping and the memory format differ from ``moco``.
+    one GPU, and the matrix products of ``moco.small_map_conv``), so that only the MoCo
+    bookkeeping and the memory format differ from ``moco``; ``floor_plain_convs`` measures the
+    convolutions.
     """
 
     def __init__(self, cfg: DictConfig, device: str) -> None:
