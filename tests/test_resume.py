@@ -408,7 +408,8 @@ def test_resume_errors_are_one_line_config_errors(tmp_path, tiny_moco):
     other, _ = tiny_moco("model.dim=8")  # another head size: the weights do not fit
     path = tmp_path / "other.ckpt"
     torch.save({"state_dict": other.state_dict(), "hyper_parameters": dict(other.hparams)}, path)
-    with pytest.raises(ConfigError, match="different model .*resume=none"):
+    # The message names the setting that differs, so the user knows which override to add.
+    with pytest.raises(ConfigError, match=r"different model .*settings: dim 8 -> \d+.*resume=none"):
         resume_checkpoint(str(path), tmp_path, model)
 
 

@@ -128,13 +128,15 @@ def resume_checkpoint(resume: str, run_dir: Path, model: pl.LightningModule) -> 
         if path.is_dir():
             raise ConfigError(f"resume={choice} is a directory: use {RESUME_CHOICES}")
     checkpoint = read_moco_checkpoint(path, option="resume")
+    changed = changed_settings(checkpoint.get("hyper_parameters", {}), dict(model.hparams))
     problem = state_dict_mismatch(model.state_dict(), checkpoint["state_dict"])
     if problem:
+        # The changed settings name the override that fixes it, e.g. a stem chosen by machine
+        # kind (${moco.stem_for_machine:}) that differs on the machine the run resumes on.
         raise ConfigError(
-            f"resume={path} was written by a different model ({problem}): resume with that "
-            f"run's settings (its config.yaml), or start fresh with resume=none"
+            f"resume={path} was written by a different model ({problem}; settings: {changed}): "
+            "resume with that run's settings (its config.yaml), or start fresh with resume=none"
         )
-    changed = changed_settings(checkpoint.get("hyper_parameters", {}), dict(model.hparams))
     if changed:
         # Allowed (a longer schedule, another lr), but never silently: a recipe or default
         # that changed since the run started (say T) would otherwise slip into the run.
