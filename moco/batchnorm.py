@@ -69,7 +69,8 @@ class _SplitStatistics:
 
 
 class SplitBatchNorm(_SplitStatistics, nn.BatchNorm2d):
-    """BatchNorm2d with per-split training statistics: the backbone's BatchNorm on the key side."""
+    """BatchNorm2d with per-split training statistics: the backbone's BatchNorm in both encoders,
+    as each GPU's BatchNorm of a multi-GPU run normalises its own share of the batch."""
 
 
 class SplitBatchNorm1d(_SplitStatistics, nn.BatchNorm1d):
