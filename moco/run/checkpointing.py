@@ -133,9 +133,10 @@ def resume_checkpoint(resume: str, run_dir: Path, model: pl.LightningModule) -> 
     if problem:
         # The changed settings name the override that fixes it, e.g. a stem chosen by machine
         # kind (${moco.stem_for_machine:}) that differs on the machine the run resumes on.
+        differ = f"; settings: {changed}" if changed else ""
         raise ConfigError(
-            f"resume={path} was written by a different model ({problem}; settings: {changed}): "
-            "resume with that run's settings (its config.yaml), or start fresh with resume=none"
+            f"resume={path} was written by a different model ({problem}{differ}): resume with "
+            "that run's settings (its config.yaml), or start fresh with resume=none"
         )
     if changed:
         # Allowed (a longer schedule, another lr), but never silently: a recipe or default
