@@ -52,6 +52,8 @@ V3_PROJECTOR_LAYERS = {"resnet18": 2, "resnet50": 2} | {name: 3 for name in VITS
 #   resolution to the ImageNet stem.
 STEMS = ("auto", "small", "small_pool", "imagenet", "late_pool")
 SMALL_IMAGE_MAX_SIZE = 64
+# How often each stem (with late_pool's max-pool, layer1) halves the side before layer2.
+HALVINGS_BEFORE_LAYER2 = {"small": 0, "small_pool": 1, "imagenet": 2, "late_pool": 2}
 
 
 def resolve_stem(stem: str, image_size: int) -> str:
@@ -65,9 +67,8 @@ def resolve_stem(stem: str, image_size: int) -> str:
 def strided_block_inputs(stem: str, image_size: int) -> list[int]:
     """The side of the maps entering layer2, layer3 and layer4 of a ResNet, each of which starts
     with a 3x3 stride-2 convolution (padding 1, so ceil(side / 2) comes out)."""
-    halvings = {"small": 0, "small_pool": 1, "imagenet": 2, "late_pool": 2}[resolve_stem(stem, image_size)]
     side = image_size
-    for _ in range(halvings):
+    for _ in range(HALVINGS_BEFORE_LAYER2[resolve_stem(stem, image_size)]):
         side = math.ceil(side / 2)
     return [side, math.ceil(side / 2), math.ceil(side / 4)]
 

@@ -59,7 +59,7 @@ KNOWN = (
     ".json, or .safetensors), an official MoCo v1/v2 or v3 ResNet checkpoint, an official MoCo "
     "v3 ViT-S/B checkpoint or its convert_to_deit.py output, a torchvision ResNet-18/50 state dict"
 )
-KERNEL_OF_STEM = {"small": 3, "small_pool": 3, "imagenet": 7}  # conv1's kernel size
+KERNEL_OF_STEM = {"small": 3, "small_pool": 3, "imagenet": 7, "late_pool": 7}  # conv1's kernel
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class Weights:
 
     format: str  # pretrain, export, safetensors, moco_v1_v2, moco_v3(_deit, _lincls), torchvision
     architecture: str  # one of moco.encoders.ALL_BACKBONES
-    stem: str  # small, small_pool or imagenet
+    stem: str  # small, small_pool, imagenet or late_pool
     in_channels: int
     image_size: int | None  # None: the file does not say
     backbone: dict
@@ -76,7 +76,7 @@ class Weights:
     head_state: dict | None = None
     dim: int | None = None
     channels_last: bool = False  # the memory format the encoder trained in (speed only)
-    stem_said: bool = True  # False: guessed from conv1 alone (a state dict cannot say max-pool)
+    stem_said: bool = True  # False: guessed from conv1 alone (a state dict cannot say max-pools)
     info: dict = field(default_factory=dict)  # epoch, global_step when the file has them
     mlp_dim: int | None = None  # hidden width of a v3_mlp head
     # A ViT's patch side and number of blocks when the file says them (official files: read off
@@ -351,7 +351,10 @@ def _from_resnet(state: dict, path: Path, fmt: str, facts: dict) -> Weights:
     arch, kernel, in_channels = found[0], conv1.shape[-1], conv1.shape[1]
     if kernel not in (3, 7):
         _refuse(path, f"conv1 is {kernel}x{kernel}, neither the 3x3 small nor 7x7 ImageNet stem")
-    stem = "imagenet" if kernel == 7 else "small_pool" if facts.get("has_maxpool") else "small"
+    if kernel == 7:
+        stem = "late_pool" if facts.get("pool_after_layer1") else "imagenet"
+    else:
+        stem = "small_pool" if facts.get("has_maxpool") else "small"
     said = {"architecture": arch, "in_channels": in_channels, "conv1_kernel_size": kernel}
     for key, value in said.items():
         if key in facts and facts[key] != value:
@@ -369,7 +372,7 @@ def _from_resnet(state: dict, path: Path, fmt: str, facts: dict) -> Weights:
         in_channels,
         size if isinstance(size, int) else None,
         backbone,
-        stem_said=kernel == 7 or "has_maxpool" in facts,
+        stem_said="has_maxpool" in facts,  # an export's facts; a bare state dict says neither pool
     )
 
 

@@ -57,7 +57,7 @@ def main() -> None:
         "--stem",
         type=_list(_one_of(STEMS)),
         default=["small"],
-        help="small,small_pool,imagenet,auto",
+        help="small,small_pool,imagenet,late_pool,auto",
     )
     parser.add_argument("--data", default="fashion_mnist", help="a conf/data group")
     parser.add_argument("--image-size", type=int, help="default: the data config's")

@@ -193,6 +193,21 @@ def test_small_pool_stem_keeps_torchvisions_max_pool_after_the_3x3_conv():
         assert net(torch.randn(2, 1, 28, 28)).shape == (2, 512)
 
 
+def test_late_pool_stem_runs_layer1_at_half_the_side_and_keeps_torchvisions_weights():
+    net = build_backbone("resnet18", in_channels=1, image_size=28, stem="late_pool").eval()
+    assert net.conv1.kernel_size == (7, 7) and net.conv1.stride == (2, 2)
+    assert isinstance(net.maxpool, nn.Identity) and isinstance(net.layer1[-1], nn.MaxPool2d)
+    sides = []
+    for block in (*net.layer1[:-1], net.layer1[-1], net.layer2):
+        block.register_forward_hook(lambda _, __, out: sides.append(out.shape[-1]))
+    with torch.no_grad():
+        assert net(torch.randn(2, 1, 28, 28)).shape == (2, 512)
+    assert sides == [14, 14, 7, 4]  # layer1's blocks at 14x14, then the pool, then layer2
+    imagenet = build_backbone("resnet18", in_channels=1, image_size=28, stem="imagenet")
+    shapes = {k: v.shape for k, v in imagenet.state_dict().items()}
+    assert {k: v.shape for k, v in net.state_dict().items()} == shapes
+
+
 @pytest.mark.parametrize(
     "stem,size,kernel,pooled",
     [

@@ -28,8 +28,14 @@ from moco.weights import read_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 # (image size, channels, backbone.stem): 8 px grey gets the small-image stem, 65 px RGB (just
-# above SMALL_IMAGE_MAX_SIZE) the stock ImageNet stem; small_pool keeps torchvision's max-pool.
-STEMS = {"small": (8, 1, "auto"), "small_pool": (8, 3, "small_pool"), "standard": (65, 3, "auto")}
+# above SMALL_IMAGE_MAX_SIZE) the stock ImageNet stem; small_pool keeps torchvision's max-pool;
+# late_pool moves it to the end of layer1.
+STEMS = {
+    "small": (8, 1, "auto"),
+    "small_pool": (8, 3, "small_pool"),
+    "standard": (65, 3, "auto"),
+    "late_pool": (16, 3, "late_pool"),
+}
 GREY_IMAGENET = {"grey_imagenet": (65, 1, "imagenet")}  # the ImageNet stem on 1 channel
 
 
@@ -68,19 +74,11 @@ def trained(tiny_moco, tmp_path):
 
 
 def plain_torchvision(meta: dict) -> nn.Module:
-    """The backbone rebuilt from torchvision alone, as the README tells a user to do it."""
+    """The backbone rebuilt from torchvision alone, as docs/guide.md tells a user to do it: the
+    stock model, then each line of the JSON's ``stem_changes``, run as written."""
     model = getattr(torchvision.models, meta["architecture"])()
-    if (meta["in_channels"], meta["conv1_kernel_size"]) != (3, 7):
-        model.conv1 = nn.Conv2d(
-            meta["in_channels"],
-            64,
-            kernel_size=meta["conv1_kernel_size"],
-            stride=meta["conv1_stride"],
-            padding=meta["conv1_padding"],
-            bias=False,
-        )
-    if not meta["has_maxpool"]:
-        model.maxpool = nn.Identity()
+    for line in meta["stem_changes"]:
+        exec(line, {"nn": nn, "model": model})
     return model
 
 
@@ -127,7 +125,28 @@ def test_the_stem_facts_say_what_to_change_and_travel_inside_safetensors(trained
     assert meta["stem_changes"] == [
         "model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)"
     ]
-    assert meta["small_image_stem"] and meta["has_maxpool"]
+    assert meta["small_image_stem"] and meta["has_maxpool"] and not meta["pool_after_layer1"]
+
+    _, late = trained("late_pool")  # the ImageNet conv1, the max-pool at the end of layer1
+    meta = export_backbone(late, "torchvision")[1]
+    assert meta["stem_changes"] == [
+        "model.layer1.append(model.maxpool)",
+        "model.maxpool = nn.Identity()",
+    ]
+    assert meta["pool_after_layer1"] and not meta["has_maxpool"] and not meta["small_image_stem"]
+
+
+@pytest.mark.parametrize("fmt", ["torchvision", "safetensors"])
+def test_a_late_pool_export_reads_back_as_late_pool(trained, fmt):
+    """Its weights are an ImageNet-stem ResNet's, key for key: only the facts tell them apart."""
+    model, ckpt = trained("late_pool")
+    path, _ = export_backbone(ckpt, fmt)
+    weights = read_weights(path)
+    assert (weights.stem, weights.stem_said) == ("late_pool", True)
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        ours = model.encoder_q.backbone.eval()(images)
+        assert torch.allclose(weights.build_backbone().eval()(images), ours, atol=1e-5)
 
 
 @pytest.mark.parametrize("size", [32, 224])
@@ -395,6 +414,7 @@ REFUSALS = {
     "small": "1 input channel and the small stem",
     "small_pool": "the small_pool stem",
     "grey_imagenet": "1 input channel",
+    "late_pool": "the late_pool stem (its max-pool at the end of layer1)",
 }
 
 

@@ -97,7 +97,7 @@ def test_a_run_with_small_crops_trains_and_lowers_the_loss(tmp_path):
 @pytest.mark.parametrize(
     ("stem", "size", "sides"),
     [("imagenet", 28, [7, 4, 2]), ("imagenet", 14, [4, 2, 1]), ("imagenet", 18, [5, 3, 2]),
-     ("small_pool", 28, [14, 7, 4]), ("small", 8, [8, 4, 2])],
+     ("small_pool", 28, [14, 7, 4]), ("small", 8, [8, 4, 2]), ("late_pool", 28, [7, 4, 2])],
 )  # fmt: skip
 def test_the_maps_entering_the_strided_resnet_blocks(stem, size, sides):
     assert strided_block_inputs(stem, size) == sides

@@ -260,6 +260,9 @@ def test_plain_torchvision_state_dict(tmp_path, arch):
     assert (net.source_format, net.architecture, net.stem) == ("torchvision", arch, "imagenet")
     assert net.feature_dim == {"resnet18": 512, "resnet50": 2048}[arch]
     check_features(f"torchvision {arch}", net, state, torch.randn(2, 3, 32, 32), arch=arch)
+    # A bare state dict cannot say where the max-pool sits: the user may say late_pool.
+    told = moco.load_backbone(path, stem="late_pool")
+    assert told.stem == "late_pool" and isinstance(told.layer1[-1], nn.MaxPool2d)
 
 
 # ------------------------------------------------------------------------------ refusals

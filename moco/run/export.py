@@ -4,8 +4,9 @@ The backbone *is* a torchvision ResNet whose ``fc`` was replaced by ``nn.Identit
 parameters), so its state dict already carries torchvision's key names: a stock
 ``torchvision.models.resnet18()`` loads it with ``strict=False`` and reports only ``fc.weight``
 and ``fc.bias`` missing. What torchvision cannot guess is a changed stem (small images: 3x3
-stride-1 ``conv1`` and no max-pool; grey images: 1 input channel), so every export carries those
-facts, in a JSON file next to it and, for safetensors, in the file's own metadata too.
+stride-1 ``conv1`` and no max-pool; grey images: 1 input channel; ``late_pool``: the max-pool at
+the end of layer1), so every export carries those facts, in a JSON file next to it and, for
+safetensors, in the file's own metadata too.
 
 ``format=moco`` and ``format=detectron2`` write the layouts of the official MoCo code and of
 its detectron2 conversion (moco/run/export_formats.py); those tools rebuild the stock ImageNet
@@ -64,6 +65,11 @@ def stem_facts(backbone: nn.Module) -> dict:
             f"model.conv1 = nn.Conv2d({conv1.in_channels}, {conv1.out_channels}, "
             f"kernel_size={k}, stride={s}, padding={p}, bias=False)"
         )
+    # backbone.stem late_pool: the max-pool sits at the end of layer1 (a parameter-free module:
+    # the state dict cannot say where it is)
+    pool_after_layer1 = isinstance(backbone.layer1[-1], nn.MaxPool2d)
+    if pool_after_layer1:
+        changes.append("model.layer1.append(model.maxpool)")
     if isinstance(maxpool, nn.Identity):
         changes.append("model.maxpool = nn.Identity()")
     return {
@@ -72,7 +78,8 @@ def stem_facts(backbone: nn.Module) -> dict:
         "conv1_kernel_size": k,
         "conv1_stride": s,
         "conv1_padding": p,
-        "has_maxpool": not isinstance(maxpool, nn.Identity),
+        "has_maxpool": not isinstance(maxpool, nn.Identity),  # right after the stem's conv
+        "pool_after_layer1": pool_after_layer1,
         "stem_changes": changes,  # empty: the stock torchvision model as it is
     }
 
