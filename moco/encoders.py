@@ -46,7 +46,7 @@ V3_PROJECTOR_LAYERS = {"resnet18": 2, "resnet50": 2} | {name: 3 for name in VITS
 # - imagenet: torchvision's 7x7 stride-2 conv and max-pool, a 4x downsampling;
 # - late_pool: the ImageNet stem's conv without its max-pool, which moves to the end of layer1:
 #   layer1 runs at small_pool's resolution and the later layers at the ImageNet stem's, for
-#   about 1.6x the ImageNet stem's compute instead of small_pool's 4x. Same weights as the
+#   about 1.7x the ImageNet stem's compute instead of small_pool's 4x. Same weights as the
 #   ImageNet-stem ResNet, but not the same network: torchvision must move the pool to rebuild it;
 # - auto: small up to SMALL_IMAGE_MAX_SIZE px, imagenet above. Inputs this small lose too much
 #   resolution to the ImageNet stem.

@@ -109,7 +109,8 @@ class Weights:
 def load_backbone(path, *, in_channels=None, image_size=None, stem=None) -> nn.Module:
     """The frozen backbone (eval mode, no gradients) of a checkpoint in any of FORMATS: images
     (N x C x H x W) to pooled features (N x feature_dim). Geometry the file does not say comes
-    from the arguments (``stem`` only matters for a 3x3 conv1 without facts: small by default)."""
+    from the arguments (``stem`` only matters for a file without stem facts, whose conv1 cannot
+    say where a max-pool sits: small by default for a 3x3 conv1, imagenet for a 7x7)."""
     weights = read_weights(path, in_channels=in_channels, image_size=image_size, stem=stem)
     net = weights.build_backbone().eval().requires_grad_(False)
     for key in ("architecture", "stem", "in_channels", "image_size"):  # net.feature_dim is set
@@ -351,6 +352,8 @@ def _from_resnet(state: dict, path: Path, fmt: str, facts: dict) -> Weights:
     arch, kernel, in_channels = found[0], conv1.shape[-1], conv1.shape[1]
     if kernel not in (3, 7):
         _refuse(path, f"conv1 is {kernel}x{kernel}, neither the 3x3 small nor 7x7 ImageNet stem")
+    if facts.get("pool_after_layer1") and (kernel != 7 or facts.get("has_maxpool")):
+        raise DataError(f"{path}: its metadata say pool_after_layer1, which only late_pool has")
     if kernel == 7:
         stem = "late_pool" if facts.get("pool_after_layer1") else "imagenet"
     else:

@@ -4,9 +4,9 @@ python scripts/export.py checkpoint=runs/.../checkpoints/last.ckpt \
     format=torchvision|safetensors|moco|detectron2 [output=PATH]
 
 - torchvision (.pth) / safetensors: the backbone under torchvision's names; any stem (see
-  <export>.json for the stem of small or grey images):
+  <export>.json for the stem of small or grey images, or of backbone.stem=late_pool):
     model = torchvision.models.resnet18()   # the "architecture" of the JSON
-    # small-image stem: apply each line of "stem_changes" first, e.g.
+    # a changed stem: apply each line of "stem_changes" first, in order, e.g.
     #   model.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
     #   model.maxpool = nn.Identity()
     model.load_state_dict(torch.load(path, weights_only=True), strict=False)  # fc.* stay missing

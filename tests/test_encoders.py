@@ -215,6 +215,7 @@ def test_late_pool_stem_runs_layer1_at_half_the_side_and_keeps_torchvisions_weig
         ("auto", 96, 7, True),
         ("small", 96, 3, False),
         ("imagenet", 28, 7, True),
+        ("late_pool", 28, 7, False),  # its max-pool moves to the end of layer1
     ],
 )
 def test_stem_choice_overrides_the_size_rule(stem, size, kernel, pooled):

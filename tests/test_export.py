@@ -136,19 +136,6 @@ def test_the_stem_facts_say_what_to_change_and_travel_inside_safetensors(trained
     assert meta["pool_after_layer1"] and not meta["has_maxpool"] and not meta["small_image_stem"]
 
 
-@pytest.mark.parametrize("fmt", ["torchvision", "safetensors"])
-def test_a_late_pool_export_reads_back_as_late_pool(trained, fmt):
-    """Its weights are an ImageNet-stem ResNet's, key for key: only the facts tell them apart."""
-    model, ckpt = trained("late_pool")
-    path, _ = export_backbone(ckpt, fmt)
-    weights = read_weights(path)
-    assert (weights.stem, weights.stem_said) == ("late_pool", True)
-    images = torch.randn(3, 3, 16, 16)
-    with torch.no_grad():
-        ours = model.encoder_q.backbone.eval()(images)
-        assert torch.allclose(weights.build_backbone().eval()(images), ours, atol=1e-5)
-
-
 @pytest.mark.parametrize("size", [32, 224])
 def test_resnet50_backbone_keys_are_torchvision_keys(size):
     with torch.device("meta"):  # names and shapes only: no 25M-parameter initialisation

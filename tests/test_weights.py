@@ -203,6 +203,9 @@ def test_safetensors_export_reads_its_metadata(tmp_path):
     save_file(state, path, metadata={**header, "architecture": "resnet50"})
     with pytest.raises(DataError, match="metadata say architecture=resnet50 but it holds resnet18"):
         moco.load_backbone(path)
+    save_file(state, path, metadata={**header, "pool_after_layer1": "true"})  # with a 3x3 conv1
+    with pytest.raises(DataError, match="say pool_after_layer1, which only late_pool has"):
+        moco.load_backbone(path)
 
 
 @pytest.mark.parametrize("head", ["linear", "mlp"])
@@ -263,6 +266,8 @@ def test_plain_torchvision_state_dict(tmp_path, arch):
     # A bare state dict cannot say where the max-pool sits: the user may say late_pool.
     told = moco.load_backbone(path, stem="late_pool")
     assert told.stem == "late_pool" and isinstance(told.layer1[-1], nn.MaxPool2d)
+    with pytest.raises(DataError, match="holds a imagenet stem, not stem=small"):
+        moco.load_backbone(path, stem="small")  # conv1's kernel says it cannot be
 
 
 # ------------------------------------------------------------------------------ refusals
@@ -579,7 +584,7 @@ def test_a_vit_file_that_does_not_fit_is_one_line(tmp_path, change, message):
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("stem", ["small", "small_pool", "imagenet"])
+@pytest.mark.parametrize("stem", ["small", "small_pool", "imagenet", "late_pool"])
 def test_a_real_export_reads_back_with_its_stem(tmp_path, stem):
     """The facts scripts/export.py writes, read back by load_backbone: no hand-made JSON."""
     from moco.run.export import export_backbone

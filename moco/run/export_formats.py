@@ -87,7 +87,7 @@ def refuse_unless_stock_stem(fmt: str, facts: dict) -> None:
     if channels != 3:
         problems.append(f"{channels} input channel{'' if channels == 1 else 's'}")
     k, s = facts["conv1_kernel_size"], facts["conv1_stride"]
-    if facts.get("pool_after_layer1"):  # exports older than the late_pool stem do not say it
+    if facts["pool_after_layer1"]:
         problems.append("the late_pool stem (its max-pool at the end of layer1)")
     elif (k, s) == (3, 1):  # moco/encoders.py STEMS: small (no max-pool) or small_pool
         problems.append(f"the {'small_pool' if facts['has_maxpool'] else 'small'} stem")

@@ -37,8 +37,10 @@ def resolve_precision(
     One exception on CPUs, measured (docs/speed.md): with AMX, the ImageNet stem on images of at
     most SMALL_IMAGE_MAX_SIZE px (maps of 16x16 and less) ran slower in bf16 than in fp32, the
     casts around each small convolution costing more than AMX saves. With AVX512-BF16 alone the
-    same model ran faster in bf16, as every other stem does on both kinds. Measured before the
-    small-map convolutions (moco/small_map_conv.py) made layer3 and layer4 cheaper at 28 px.
+    same model ran faster in bf16, as every other stem does on both kinds (``late_pool``, whose
+    layer2-4 have the ImageNet stem's small maps, is unmeasured on AMX and gets bf16). Measured
+    before the small-map convolutions (moco/small_map_conv.py) made layer3 and layer4 cheaper at
+    28 px.
     """
     if str(precision) != "auto":
         return str(precision)
