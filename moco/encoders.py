@@ -39,7 +39,8 @@ ALL_HEADS = (*HEADS, V3_HEAD)
 SLOTS = {"resnet18": "fc", "resnet50": "fc"} | {name: "heads" for name in VITS}
 # Linear layers of the v3 projector: 2 for ResNets, 3 for ViTs (the paper, Sec. 4).
 V3_PROJECTOR_LAYERS = {"resnet18": 2, "resnet50": 2} | {name: 3 for name in VITS}
-# The layers before the first residual block:
+# The layers before the first residual block, as changes to torchvision's ImageNet ResNet (the
+# one table that building, reading and exporting weights all go by):
 # - small: 3x3 stride-1 conv, no max-pool (the MoCo CIFAR demo): full resolution in layer1;
 # - small_pool: the same conv, then torchvision's 3x3 stride-2 max-pool: layer1 runs at half the
 #   side, so the blocks cost about 4x less (docs/speed.md);
@@ -50,10 +51,38 @@ V3_PROJECTOR_LAYERS = {"resnet18": 2, "resnet50": 2} | {name: 3 for name in VITS
 #   ImageNet-stem ResNet, but not the same network: torchvision must move the pool to rebuild it;
 # - auto: small up to SMALL_IMAGE_MAX_SIZE px, imagenet above. Inputs this small lose too much
 #   resolution to the ImageNet stem.
-STEMS = ("auto", "small", "small_pool", "imagenet", "late_pool")
+POOL_PLACES = ("after_conv1", "end_of_layer1")  # where torchvision's max-pool may sit; or None
+
+
+@dataclass(frozen=True)
+class StemLayout:
+    conv1_kernel: int  # 3: stride 1; 7: torchvision's stride 2 (padding kernel // 2 for both)
+    pool: str | None  # one of POOL_PLACES; None: no max-pool
+
+    @property
+    def conv1_stride(self) -> int:
+        return 1 if self.conv1_kernel == 3 else 2
+
+    @property
+    def halvings_before_layer2(self) -> int:
+        """How often the stem (with a max-pool at the end of layer1) halves the side."""
+        return (self.conv1_stride == 2) + (self.pool is not None)
+
+
+STEM_LAYOUTS = {
+    "small": StemLayout(3, None),
+    "small_pool": StemLayout(3, "after_conv1"),
+    "imagenet": StemLayout(7, "after_conv1"),
+    "late_pool": StemLayout(7, "end_of_layer1"),
+}
+STEMS = ("auto", *STEM_LAYOUTS)
 SMALL_IMAGE_MAX_SIZE = 64
-# How often each stem (with late_pool's max-pool, layer1) halves the side before layer2.
-HALVINGS_BEFORE_LAYER2 = {"small": 0, "small_pool": 1, "imagenet": 2, "late_pool": 2}
+
+
+def stem_with(conv1_kernel: int, pool: str | None) -> str | None:
+    """The name of the stem with this conv1 and max-pool; None when no stem has them."""
+    wanted = StemLayout(conv1_kernel, pool)
+    return next((name for name, layout in STEM_LAYOUTS.items() if layout == wanted), None)
 
 
 def resolve_stem(stem: str, image_size: int) -> str:
@@ -68,7 +97,7 @@ def strided_block_inputs(stem: str, image_size: int) -> list[int]:
     """The side of the maps entering layer2, layer3 and layer4 of a ResNet, each of which starts
     with a 3x3 stride-2 convolution (padding 1, so ceil(side / 2) comes out)."""
     side = image_size
-    for _ in range(HALVINGS_BEFORE_LAYER2[resolve_stem(stem, image_size)]):
+    for _ in range(STEM_LAYOUTS[resolve_stem(stem, image_size)].halvings_before_layer2):
         side = math.ceil(side / 2)
     return [side, math.ceil(side / 2), math.ceil(side / 4)]
 
@@ -84,15 +113,15 @@ def build_backbone(
         raise ConfigError(f"unknown backbone '{name}': choose one of {sorted(ALL_BACKBONES)}")
     norm_layer = partial(SplitBatchNorm, num_splits=bn_splits) if bn_splits > 1 else nn.BatchNorm2d
     net = BACKBONES[name](weights=None, norm_layer=norm_layer)
-    stem = resolve_stem(stem, image_size)
-    if stem in ("small", "small_pool"):
-        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        if stem == "small":
-            net.maxpool = nn.Identity()
-    elif in_channels != 3:
-        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    if stem == "late_pool":  # a parameter-free module: the state dict keeps torchvision's keys
+    stem = STEM_LAYOUTS[resolve_stem(stem, image_size)]
+    if stem.conv1_kernel != 7 or in_channels != 3:
+        k = stem.conv1_kernel
+        net.conv1 = nn.Conv2d(
+            in_channels, 64, kernel_size=k, stride=stem.conv1_stride, padding=k // 2, bias=False
+        )
+    if stem.pool == "end_of_layer1":  # a parameter-free module: the state dict keeps its keys
         net.layer1.append(net.maxpool)
+    if stem.pool != "after_conv1":
         net.maxpool = nn.Identity()
     net.feature_dim = net.fc.in_features
     net.fc = nn.Identity()

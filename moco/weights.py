@@ -43,12 +43,15 @@ from moco.checkpoint import (
 from moco.encoders import (
     ALL_BACKBONES,
     BACKBONES,
+    POOL_PLACES,
+    STEM_LAYOUTS,
     V3_HEAD,
     V3_PROJECTOR_LAYERS,
     Encoder,
     build_backbone,
     build_head,
     resolve_stem,
+    stem_with,
 )
 from moco.errors import ConfigError, DataError
 from moco.vit import VIT_SIZES, VITS, build_vit
@@ -59,7 +62,6 @@ KNOWN = (
     ".json, or .safetensors), an official MoCo v1/v2 or v3 ResNet checkpoint, an official MoCo "
     "v3 ViT-S/B checkpoint or its convert_to_deit.py output, a torchvision ResNet-18/50 state dict"
 )
-KERNEL_OF_STEM = {"small": 3, "small_pool": 3, "imagenet": 7, "late_pool": 7}  # conv1's kernel
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,8 @@ def read_weights(path, *, in_channels=None, image_size=None, stem=None, hint=KNO
         raise DataError(f"{path} holds {weights.in_channels}-channel weights, not {in_channels}")
     vit = weights.architecture in VITS  # no stem to compare
     if stem is not None and stem != "auto" and stem != weights.stem and not vit:
-        if weights.stem_said or KERNEL_OF_STEM.get(stem) != KERNEL_OF_STEM[weights.stem]:
+        told, held = STEM_LAYOUTS.get(stem), STEM_LAYOUTS[weights.stem]
+        if weights.stem_said or told is None or told.conv1_kernel != held.conv1_kernel:
             raise DataError(f"{path} holds a {weights.stem} stem, not stem={stem}")
         weights = replace(weights, stem=stem)
     return weights if weights.image_size else replace(weights, image_size=image_size)
@@ -352,12 +355,13 @@ def _from_resnet(state: dict, path: Path, fmt: str, facts: dict) -> Weights:
     arch, kernel, in_channels = found[0], conv1.shape[-1], conv1.shape[1]
     if kernel not in (3, 7):
         _refuse(path, f"conv1 is {kernel}x{kernel}, neither the 3x3 small nor 7x7 ImageNet stem")
-    if facts.get("pool_after_layer1") and (kernel != 7 or facts.get("has_maxpool")):
-        raise DataError(f"{path}: its metadata say pool_after_layer1, which only late_pool has")
-    if kernel == 7:
-        stem = "late_pool" if facts.get("pool_after_layer1") else "imagenet"
-    else:
-        stem = "small_pool" if facts.get("has_maxpool") else "small"
+    stem = stem_with(kernel, _pool_place(facts, kernel, path))
+    if stem is None:
+        raise DataError(
+            f"{path}: its metadata place the max-pool where no {kernel}x{kernel} stem has it "
+            f"(has_maxpool={facts.get('has_maxpool')}, "
+            f"pool_after_layer1={facts.get('pool_after_layer1')})"
+        )
     said = {"architecture": arch, "in_channels": in_channels, "conv1_kernel_size": kernel}
     for key, value in said.items():
         if key in facts and facts[key] != value:
@@ -375,8 +379,29 @@ def _from_resnet(state: dict, path: Path, fmt: str, facts: dict) -> Weights:
         in_channels,
         size if isinstance(size, int) else None,
         backbone,
-        stem_said="has_maxpool" in facts,  # an export's facts; a bare state dict says neither pool
+        stem_said=_says_pool(facts),
     )
+
+
+def _says_pool(facts: dict) -> bool:
+    """Whether ``facts`` (an export's) say where the max-pool is: a state dict cannot."""
+    return "has_maxpool" in facts or "pool_after_layer1" in facts
+
+
+def _pool_place(facts: dict, kernel: int, path: Path) -> str | None:
+    """Where the max-pool sits (one of POOL_PLACES, or None) by the export's ``facts``; for a
+    bare state dict, where the usual stem of its conv1 has it: torchvision's ImageNet stem for a
+    7x7 conv1, the CIFAR demo's small stem (no max-pool) for a 3x3 one."""
+    if not _says_pool(facts):
+        return STEM_LAYOUTS["imagenet" if kernel == 7 else "small"].pool
+    said = (facts.get("has_maxpool", False), facts.get("pool_after_layer1", False))
+    places = [place for place, there in zip(POOL_PLACES, said, strict=True) if there]
+    if len(places) > 1:
+        raise DataError(
+            f"{path}: its metadata put the max-pool in two places (has_maxpool and "
+            "pool_after_layer1): no stem has two"
+        )
+    return places[0] if places else None
 
 
 def _read_json(path: Path) -> dict:

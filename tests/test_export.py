@@ -401,7 +401,7 @@ REFUSALS = {
     "small": "1 input channel and the small stem",
     "small_pool": "the small_pool stem",
     "grey_imagenet": "1 input channel",
-    "late_pool": "the late_pool stem (its max-pool at the end of layer1)",
+    "late_pool": "the late_pool stem",
 }
 
 

@@ -204,7 +204,18 @@ def test_safetensors_export_reads_its_metadata(tmp_path):
     with pytest.raises(DataError, match="metadata say architecture=resnet50 but it holds resnet18"):
         moco.load_backbone(path)
     save_file(state, path, metadata={**header, "pool_after_layer1": "true"})  # with a 3x3 conv1
-    with pytest.raises(DataError, match="say pool_after_layer1, which only late_pool has"):
+    with pytest.raises(DataError, match="put the max-pool in two places"):
+        moco.load_backbone(path)
+    # Facts that name no stem of moco.encoders.STEM_LAYOUTS are refused, not read as the nearest.
+    no_pool = {**header, "has_maxpool": "false", "pool_after_layer1": "true"}
+    save_file(state, path, metadata=no_pool)  # small's 3x3 conv1, late_pool's max-pool
+    with pytest.raises(DataError, match="place the max-pool where no 3x3 stem has it"):
+        moco.load_backbone(path)
+    imagenet = {k: v.contiguous() for k, v in torchvision_net(in_channels=1).state_dict().items()}
+    imagenet = {k: v for k, v in imagenet.items() if not k.startswith("fc.")}
+    facts_7x7 = {**header, "conv1_kernel_size": "7", "has_maxpool": "false"}
+    save_file(imagenet, path, metadata=facts_7x7)  # a 7x7 conv1 with no max-pool anywhere
+    with pytest.raises(DataError, match="place the max-pool where no 7x7 stem has it"):
         moco.load_backbone(path)
 
 
@@ -390,6 +401,19 @@ def test_init_copies_the_backbone_into_both_encoders_and_the_head_when_it_fits(t
     with pytest.raises(DataError, match=r"^init=.* does not fit the configured backbone") as e:
         warm_start(tiny_moco(), str(path))  # 16 px: the small stem's 3x3 conv1
     assert "\n" not in str(e.value)
+
+
+def test_init_says_when_the_file_names_another_stem_of_the_same_weights(tmp_path):
+    late = tiny_moco(image_size=32, stem="late_pool", head="linear", dim=8)
+    path = tmp_path / "late.ckpt"
+    torch.save({"state_dict": late.state_dict(), "encoder_spec": late.encoder_spec.to_dict()}, path)
+    imagenet = tiny_moco(image_size=32, stem="imagenet", head="linear", dim=8)
+    line = warm_start(imagenet, str(path))  # the keys fit: only the file can say the difference
+    assert line.endswith("; trained with the late_pool stem, this run has imagenet")
+    assert "trained with" not in warm_start(late, str(path))
+    bare = tmp_path / "imagenet.pth"  # a bare state dict names no stem: nothing to say
+    torch.save(torchvision_net(in_channels=3).state_dict(), bare)
+    assert "trained with" not in warm_start(late, str(bare))
 
 
 def test_pretrain_starts_from_init_on_a_fresh_start(tiny_cfg, tmp_path, capsys):

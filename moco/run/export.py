@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from moco.checkpoint import FROM_PRETRAIN, query_encoder, read_moco_checkpoint, sha256
-from moco.encoders import V3_HEAD
+from moco.encoders import STEM_LAYOUTS, V3_HEAD, stem_with
 from moco.errors import ConfigError, DataError
 from moco.run.export_formats import (
     FORMATS,
@@ -70,15 +70,21 @@ def stem_facts(backbone: nn.Module) -> dict:
     pool_after_layer1 = isinstance(backbone.layer1[-1], nn.MaxPool2d)
     if pool_after_layer1:
         changes.append("model.layer1.append(model.maxpool)")
-    if isinstance(maxpool, nn.Identity):
+    has_maxpool = not isinstance(maxpool, nn.Identity)
+    if not has_maxpool:
         changes.append("model.maxpool = nn.Identity()")
+    place = "end_of_layer1" if pool_after_layer1 else "after_conv1" if has_maxpool else None
+    stem = stem_with(k, place)  # None: a conv1 or max-pool of no stem in STEM_LAYOUTS
+    if stem is not None and (s, p) != (STEM_LAYOUTS[stem].conv1_stride, k // 2):
+        stem = None
     return {
+        "stem": stem,  # backbone.stem, for a reader; the facts below are what rebuilds it
         "small_image_stem": k == 3,  # the 3x3 stride-1 stem (backbone.stem small or small_pool)
         "in_channels": conv1.in_channels,
         "conv1_kernel_size": k,
         "conv1_stride": s,
         "conv1_padding": p,
-        "has_maxpool": not isinstance(maxpool, nn.Identity),  # right after the stem's conv
+        "has_maxpool": has_maxpool,  # right after the stem's conv
         "pool_after_layer1": pool_after_layer1,
         "stem_changes": changes,  # empty: the stock torchvision model as it is
     }

@@ -86,13 +86,11 @@ def refuse_unless_stock_stem(fmt: str, facts: dict) -> None:
     channels = facts["in_channels"]
     if channels != 3:
         problems.append(f"{channels} input channel{'' if channels == 1 else 's'}")
-    k, s = facts["conv1_kernel_size"], facts["conv1_stride"]
-    if facts["pool_after_layer1"]:
-        problems.append("the late_pool stem (its max-pool at the end of layer1)")
-    elif (k, s) == (3, 1):  # moco/encoders.py STEMS: small (no max-pool) or small_pool
-        problems.append(f"the {'small_pool' if facts['has_maxpool'] else 'small'} stem")
-    elif (k, s, facts["conv1_padding"], facts["has_maxpool"]) != (7, 2, 3, True):
+    if facts["stem"] is None:
+        k, s = facts["conv1_kernel_size"], facts["conv1_stride"]
         problems.append(f"a {k}x{k} stride-{s} conv1")
+    elif facts["stem"] != "imagenet":
+        problems.append(f"the {facts['stem']} stem")
     raise ConfigError(
         f"format={fmt} needs a 3-channel ImageNet-stem ResNet; this one has "
         f"{' and '.join(problems)}: use format=torchvision or safetensors (their JSON says how "

@@ -5,7 +5,9 @@ from pathlib import Path
 from torch import nn
 
 from moco.checkpoint import state_dict_mismatch
+from moco.encoders import resolve_stem
 from moco.errors import ConfigError, DataError
+from moco.vit import VITS
 from moco.weights import KNOWN, read_weights
 
 ENCODERS = ("encoder_q", "encoder_k")  # MoCo has both; the supervised reference only encoder_q
@@ -14,7 +16,9 @@ ENCODERS = ("encoder_q", "encoder_k")  # MoCo has both; the supervised reference
 def warm_start(model: nn.Module, path: str) -> str:
     """Copy the backbone of ``path`` into the model's encoders, and its head when the file has
     one of the same shapes (official MoCo v1/v2, this project's checkpoints); returns the line
-    that says what was loaded. A backbone that does not fit is one DataError line."""
+    that says what was loaded. A backbone that does not fit is one DataError line. Stems that
+    differ only in where the max-pool sits have the same weights: the line says so when the file
+    names another stem than the run's."""
     if not Path(path).expanduser().is_file():
         raise ConfigError(f"init={path} does not exist: give a file of the {KNOWN}")
     weights = read_weights(Path(path).expanduser())
@@ -40,6 +44,10 @@ def warm_start(model: nn.Module, path: str) -> str:
         what = f"backbone (its {weights.head} head has other shapes: head kept as initialised)"
     else:
         what = "backbone (the file has no head: head kept as initialised)"
+    spec = model.encoder_spec
+    ours = resolve_stem(spec.stem, spec.image_size)
+    if weights.stem_said and weights.architecture not in VITS and weights.stem != ours:
+        what += f"; trained with the {weights.stem} stem, this run has {ours}"
     return (
         f"Initialised {' and '.join(encoders)} from {path} ({weights.format}): "
         f"{weights.architecture} {what}"
