@@ -362,7 +362,13 @@ def _from_resnet(state: dict, path: Path, fmt: str, facts: dict) -> Weights:
             f"(has_maxpool={facts.get('has_maxpool')}, "
             f"pool_after_layer1={facts.get('pool_after_layer1')})"
         )
-    said = {"architecture": arch, "in_channels": in_channels, "conv1_kernel_size": kernel}
+    # Exports also name the stem the facts above give (older ones do not): they must agree.
+    said = {
+        "architecture": arch,
+        "in_channels": in_channels,
+        "conv1_kernel_size": kernel,
+        "stem": stem,
+    }
     for key, value in said.items():
         if key in facts and facts[key] != value:
             raise DataError(f"{path}: its metadata say {key}={facts[key]} but it holds {value}")

@@ -203,6 +203,11 @@ def test_safetensors_export_reads_its_metadata(tmp_path):
     save_file(state, path, metadata={**header, "architecture": "resnet50"})
     with pytest.raises(DataError, match="metadata say architecture=resnet50 but it holds resnet18"):
         moco.load_backbone(path)
+    save_file(state, path, metadata={**header, "stem": "small_pool"})  # as exports now say
+    assert moco.load_backbone(path).stem == "small_pool"
+    save_file(state, path, metadata={**header, "stem": "small"})
+    with pytest.raises(DataError, match="metadata say stem=small but it holds small_pool"):
+        moco.load_backbone(path)
     save_file(state, path, metadata={**header, "pool_after_layer1": "true"})  # with a 3x3 conv1
     with pytest.raises(DataError, match="put the max-pool in two places"):
         moco.load_backbone(path)
