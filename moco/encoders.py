@@ -79,6 +79,16 @@ STEMS = ("auto", *STEM_LAYOUTS)
 SMALL_IMAGE_MAX_SIZE = 64
 
 
+def pool_place(after_conv1: bool, end_of_layer1: bool) -> str | None:
+    """Where the max-pool sits (one of POOL_PLACES; None: no max-pool) by the two flags that
+    exports write (``has_maxpool``, ``pool_after_layer1``). ValueError if both are set: no stem
+    has two max-pools."""
+    if after_conv1 and end_of_layer1:
+        raise ValueError("a max-pool in two places")
+    first, last = POOL_PLACES
+    return first if after_conv1 else last if end_of_layer1 else None
+
+
 def stem_with(conv1_kernel: int, pool: str | None) -> str | None:
     """The name of the stem with this conv1 and max-pool; None when no stem has them."""
     wanted = StemLayout(conv1_kernel, pool)

@@ -43,13 +43,13 @@ from moco.checkpoint import (
 from moco.encoders import (
     ALL_BACKBONES,
     BACKBONES,
-    POOL_PLACES,
     STEM_LAYOUTS,
     V3_HEAD,
     V3_PROJECTOR_LAYERS,
     Encoder,
     build_backbone,
     build_head,
+    pool_place,
     resolve_stem,
     stem_with,
 )
@@ -400,14 +400,13 @@ def _pool_place(facts: dict, kernel: int, path: Path) -> str | None:
     7x7 conv1, the CIFAR demo's small stem (no max-pool) for a 3x3 one."""
     if not _says_pool(facts):
         return STEM_LAYOUTS["imagenet" if kernel == 7 else "small"].pool
-    said = (facts.get("has_maxpool", False), facts.get("pool_after_layer1", False))
-    places = [place for place, there in zip(POOL_PLACES, said, strict=True) if there]
-    if len(places) > 1:
+    try:
+        return pool_place(facts.get("has_maxpool", False), facts.get("pool_after_layer1", False))
+    except ValueError:
         raise DataError(
             f"{path}: its metadata put the max-pool in two places (has_maxpool and "
             "pool_after_layer1): no stem has two"
-        )
-    return places[0] if places else None
+        ) from None
 
 
 def _read_json(path: Path) -> dict:

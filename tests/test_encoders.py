@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from moco.batchnorm import SplitBatchNorm, SplitBatchNorm1d
-from moco.encoders import Encoder, build_backbone, build_head
+from moco.encoders import STEM_LAYOUTS, Encoder, build_backbone, build_head, pool_place, stem_with
 from moco.errors import ConfigError
 
 
@@ -222,6 +222,21 @@ def test_stem_choice_overrides_the_size_rule(stem, size, kernel, pooled):
     net = build_backbone("resnet18", in_channels=3, image_size=size, stem=stem)
     assert net.conv1.kernel_size == (kernel, kernel)
     assert isinstance(net.maxpool, nn.MaxPool2d) == pooled
+
+
+@pytest.mark.parametrize("stem", list(STEM_LAYOUTS))
+def test_every_stem_is_named_back_from_the_module_it_builds(stem):
+    # What an export reads off a backbone (conv1's kernel, the two places a max-pool may sit)
+    # gives back the stem that built it.
+    net = build_backbone("resnet18", in_channels=1, image_size=28, stem=stem)
+    after_conv1 = isinstance(net.maxpool, nn.MaxPool2d)
+    end_of_layer1 = isinstance(net.layer1[-1], nn.MaxPool2d)
+    assert stem_with(net.conv1.kernel_size[0], pool_place(after_conv1, end_of_layer1)) == stem
+
+
+def test_no_stem_has_a_max_pool_in_two_places():
+    with pytest.raises(ValueError, match="two places"):
+        pool_place(True, True)
 
 
 def test_unknown_stem_raises_config_error():

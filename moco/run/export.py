@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from moco.checkpoint import FROM_PRETRAIN, query_encoder, read_moco_checkpoint, sha256
-from moco.encoders import STEM_LAYOUTS, V3_HEAD, stem_with
+from moco.encoders import V3_HEAD, pool_place, stem_with
 from moco.errors import ConfigError, DataError
 from moco.run.export_formats import (
     FORMATS,
@@ -73,10 +73,8 @@ def stem_facts(backbone: nn.Module) -> dict:
     has_maxpool = not isinstance(maxpool, nn.Identity)
     if not has_maxpool:
         changes.append("model.maxpool = nn.Identity()")
-    place = "end_of_layer1" if pool_after_layer1 else "after_conv1" if has_maxpool else None
-    stem = stem_with(k, place)  # None: a conv1 or max-pool of no stem in STEM_LAYOUTS
-    if stem is not None and (s, p) != (STEM_LAYOUTS[stem].conv1_stride, k // 2):
-        stem = None
+    # None: a conv1 or max-pool of no stem in STEM_LAYOUTS
+    stem = stem_with(k, pool_place(has_maxpool, pool_after_layer1))
     return {
         "stem": stem,  # backbone.stem, for a reader; the facts below are what rebuilds it
         "small_image_stem": k == 3,  # the 3x3 stride-1 stem (backbone.stem small or small_pool)
