@@ -3,7 +3,6 @@ per training minute on small images."""
 
 import torch
 
-from moco.encoders import SMALL_IMAGE_MAX_SIZE, resolve_stem
 from moco.errors import ConfigError
 
 
@@ -28,40 +27,25 @@ def uses_cuda(accelerator: str) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
-def resolve_precision(
-    precision: str | int, accelerator: str, stem: str = "auto", image_size: int = 224
-) -> str:
-    """``auto`` -> the fastest measured choice: bf16-mixed where the hardware runs it fast,
-    16-mixed on older GPUs, else 32.
-
-    One exception on CPUs, measured (docs/speed.md): with AMX, the ImageNet stem on images of at
-    most SMALL_IMAGE_MAX_SIZE px (maps of 16x16 and less) ran slower in bf16 than in fp32, the
-    casts around each small convolution costing more than AMX saves. With AVX512-BF16 alone the
-    same model ran faster in bf16, as every other stem does on both kinds (``late_pool``, whose
-    layer2-4 have the ImageNet stem's small maps, is unmeasured on AMX and gets bf16). Measured
-    before the small-map convolutions (moco/small_map_conv.py) made layer3 and layer4 cheaper at
-    28 px.
-    """
+def resolve_precision(precision: str | int, accelerator: str) -> str:
+    """``auto`` -> the fastest measured choice: bf16-mixed where the hardware runs it fast (GPUs
+    with bf16; CPUs with AMX or AVX512-BF16), 16-mixed on older GPUs, else 32 (bf16 is emulated
+    on other CPUs, far slower). On CPUs, bf16 ran faster than fp32 for every stem measured
+    (docs/speed.md), the ImageNet stem at 28 px on AMX included since its 2x2 and 1x1 maps became
+    matrix products (moco/small_map_conv.py)."""
     if str(precision) != "auto":
         return str(precision)
     if uses_cuda(accelerator):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    if accelerator in ("cpu", "auto"):
-        kind = cpu_bf16_kind()
-        tiny_maps = (
-            resolve_stem(stem, image_size) == "imagenet" and image_size <= SMALL_IMAGE_MAX_SIZE
-        )
-        if kind == "amx" and tiny_maps:
-            return "32-true"
-        return "bf16-mixed" if kind is not None else "32-true"
+    if accelerator in ("cpu", "auto") and cpu_has_fast_bf16():
+        return "bf16-mixed"
     return "32-true"
 
 
 def precision_for(cfg) -> str:
     """The precision a composed pretraining config runs with: its trainer's choice, auto resolved
-    for its model (pretraining and the benchmark both ask here)."""
-    trainer, model = cfg.trainer, cfg.model
-    return resolve_precision(trainer.precision, trainer.accelerator, model.stem, model.image_size)
+    (pretraining and the benchmark both ask here)."""
+    return resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
 
 
 def stem_for_machine(accelerator: str) -> str:
