@@ -56,8 +56,10 @@ def stem_for_machine(accelerator: str) -> str:
     stem's speed and learns more per epoch: its hour ended ahead in the probe and level in kNN.
     On the other CPUs it ran at 0.3-0.4 of that speed or less, too few epochs for the hour, so
     they keep the ImageNet stem (7x7 maps), as do GPUs, where it was never measured against it.
-    These speeds predate the small-map convolutions (moco/small_map_conv.py), which make the
-    ImageNet stem's layer3 and layer4 several times cheaper: the rule awaits new runs.
+    With the small-map convolutions (moco/small_map_conv.py) and bf16 for both, an AMX CPU ran
+    ``small_pool`` at 0.42 of the ImageNet stem's speed, and its hour gave 24 epochs and the
+    best probe yet (docs/results.md, twenty-first round); the ImageNet stem's hour in bf16 on
+    AMX is unmeasured.
     """
     if not uses_cuda(accelerator) and accelerator in ("cpu", "auto") and cpu_bf16_kind() == "amx":
         return "small_pool"
