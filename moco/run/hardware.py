@@ -50,16 +50,15 @@ def precision_for(cfg) -> str:
 
 def stem_for_machine(accelerator: str) -> str:
     """The ResNet stem that gave the best features in an hour of training on small images (the
-    Fashion-MNIST experiments' 28 px), by machine kind (docs/results.md, twelfth round).
+    Fashion-MNIST experiments' 28 px), by machine kind (docs/results.md, twenty-first and
+    twenty-second rounds).
 
-    On CPUs with AMX, ``small_pool`` (14x14 maps in layer1) runs in bf16 at half the ImageNet
-    stem's speed and learns more per epoch: its hour ended ahead in the probe and level in kNN.
-    On the other CPUs it ran at 0.3-0.4 of that speed or less, too few epochs for the hour, so
-    they keep the ImageNet stem (7x7 maps), as do GPUs, where it was never measured against it.
-    With the small-map convolutions (moco/small_map_conv.py) and bf16 for both, an AMX CPU ran
-    ``small_pool`` at 0.42 of the ImageNet stem's speed, and its hour gave 24 epochs and the
-    best probe yet (docs/results.md, twenty-first round); the ImageNet stem's hour in bf16 on
-    AMX is unmeasured.
+    On CPUs with AMX, ``small_pool`` (14x14 maps in layer1) runs in bf16 at about 0.4 of the
+    ImageNet stem's speed and learns more per epoch. There, in bf16 both, its hour gave 24 epochs
+    and 87.92 / 90.42 (kNN / probe), the ImageNet stem's 40 epochs and 88.20 / 89.57: a probe
+    0.85 ahead for a kNN 0.28 behind. On the other CPUs ``small_pool`` ran at 0.3-0.4 of the
+    ImageNet stem's speed or less, too few epochs for the hour, so they keep the ImageNet stem
+    (7x7 maps), as do GPUs, where the two were never measured against each other.
     """
     if not uses_cuda(accelerator) and accelerator in ("cpu", "auto") and cpu_bf16_kind() == "amx":
         return "small_pool"
