@@ -54,11 +54,12 @@ def stem_for_machine(accelerator: str) -> str:
     twenty-second rounds).
 
     On CPUs with AMX, ``small_pool`` (14x14 maps in layer1) runs in bf16 at about 0.4 of the
-    ImageNet stem's speed and learns more per epoch. There, in bf16 both, its hour gave 24 epochs
-    and 87.92 / 90.42 (kNN / probe), the ImageNet stem's 40 epochs and 88.20 / 89.57: a probe
-    0.85 ahead for a kNN 0.28 behind. On the other CPUs ``small_pool`` ran at 0.3-0.4 of the
-    ImageNet stem's speed or less, too few epochs for the hour, so they keep the ImageNet stem
-    (7x7 maps), as do GPUs, where the two were never measured against each other.
+    ImageNet stem's speed and learns more per epoch. There, in bf16 both, two seeds each, its
+    hour gave 21-24 epochs and 87.87-87.92 / 90.42-90.44 (kNN / probe), the ImageNet stem's
+    40-47 epochs and 88.20-88.28 / 89.57-89.75: a probe 0.7-0.9 ahead for a kNN 0.3-0.4 behind.
+    On the other CPUs ``small_pool`` ran at 0.3-0.4 of the ImageNet stem's speed or less, too
+    few epochs for the hour, so they keep the ImageNet stem (7x7 maps), as do GPUs, where the
+    two were never measured against each other.
     """
     if not uses_cuda(accelerator) and accelerator in ("cpu", "auto") and cpu_bf16_kind() == "amx":
         return "small_pool"
