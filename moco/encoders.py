@@ -19,6 +19,7 @@ from torch import nn
 
 from moco.batchnorm import SplitBatchNorm, SplitBatchNorm1d
 from moco.errors import ConfigError
+from moco.final_relu import drop_final_relu
 from moco.small_map_conv import use_small_map_convs
 from moco.vit import VITS, build_vit
 
@@ -113,10 +114,16 @@ def strided_block_inputs(stem: str, image_size: int) -> list[int]:
 
 
 def build_backbone(
-    name: str, in_channels: int, image_size: int, bn_splits: int = 1, stem: str = "auto"
+    name: str,
+    in_channels: int,
+    image_size: int,
+    bn_splits: int = 1,
+    stem: str = "auto",
+    final_relu: bool = True,
 ) -> nn.Module:
     """A torchvision ResNet (or a ViT of moco/vit.py, which has no stem and no BatchNorm)
-    without its classifier: images (N x C x H x W) to features (N x D)."""
+    without its classifier: images (N x C x H x W) to features (N x D). ``final_relu=False``
+    removes the last block's ReLU (moco/final_relu.py); ViTs have none and ignore it."""
     if name in VITS:
         return build_vit(name, in_channels, image_size)
     if name not in BACKBONES:
@@ -135,6 +142,8 @@ def build_backbone(
         net.maxpool = nn.Identity()
     net.feature_dim = net.fc.in_features
     net.fc = nn.Identity()
+    if not final_relu:
+        drop_final_relu(net)
     # Exact; with the ImageNet stem at 28 px, layer3 (2x2 maps) and layer4 (1x1) run several
     # times faster.
     return use_small_map_convs(net)
@@ -274,9 +283,12 @@ class EncoderSpec:
     dim: int  # output of the head: the embedding (MoCo) or the classes (supervised)
     channels_last: bool = False
     mlp_dim: int | None = None  # hidden width of the v3 projector (None for the other heads)
+    final_relu: bool = True  # False: the last residual block ends without ReLU (ResNets only)
 
     def build(self, bn_splits: int = 1) -> "Encoder":
-        net = build_backbone(self.backbone, self.in_channels, self.image_size, bn_splits, self.stem)
+        net = build_backbone(
+            self.backbone, self.in_channels, self.image_size, bn_splits, self.stem, self.final_relu
+        )
         layers = V3_PROJECTOR_LAYERS.get(self.backbone, 2)
         head = build_head(self.head, net.feature_dim, self.dim, self.mlp_dim, layers, bn_splits)
         return Encoder(net, head, self.channels_last)
@@ -293,7 +305,7 @@ class EncoderSpec:
     @classmethod
     def from_dict(cls, values: dict) -> "EncoderSpec":
         """The spec of a dict that holds its keys (others are ignored); files written before
-        ``stem`` and ``channels_last`` existed get their values of that time."""
+        ``stem``, ``channels_last`` and ``final_relu`` existed get their values of that time."""
         known = {f.name for f in fields(cls)}
         given = {k: v for k, v in values.items() if k in known}
         return cls(**{"stem": "auto", **given})

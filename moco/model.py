@@ -62,13 +62,15 @@ class MoCo(TrainingModule):
         scheduler: Mapping,
         stem: str = "auto",
         neighbour_weight: float = 0.0,
+        final_relu: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(plain_settings(locals()))
         hp = self.hparams
         self.encoder_spec = EncoderSpec(
-            hp.backbone, hp.stem, hp.in_channels, hp.image_size, hp.head, hp.dim, hp.channels_last
-        )
+            hp.backbone, hp.stem, hp.in_channels, hp.image_size, hp.head, hp.dim, hp.channels_last,
+            final_relu=hp.final_relu,
+        )  # fmt: skip
         self.encoder_q = self.encoder_spec.build(bn_splits)
         # The key encoder starts as an exact copy (backbone AND head) and never gets gradients:
         # it only moves through momentum_update.

@@ -64,13 +64,14 @@ class MoCoV3(TrainingModule):
         optimizer: Mapping,
         scheduler: Mapping,
         stem: str = "auto",
+        final_relu: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(plain_settings(locals()))
         hp = self.hparams
         self.encoder_spec = EncoderSpec(
             hp.backbone, hp.stem, hp.in_channels, hp.image_size, V3_HEAD, hp.dim,
-            hp.channels_last, hp.mlp_dim,
+            hp.channels_last, hp.mlp_dim, hp.final_relu,
         )  # fmt: skip
         self.slot = self.encoder_spec.slot  # "fc": where the projector sits in the network
         encoder = self.encoder_spec.build()

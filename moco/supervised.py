@@ -38,6 +38,7 @@ class SupervisedReference(TrainingModule):
         lr_reference_batch: int,
         optimizer: Mapping,
         scheduler: Mapping,
+        final_relu: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(plain_settings(locals()))
@@ -45,7 +46,7 @@ class SupervisedReference(TrainingModule):
         # The head is the classifier: num_classes logits, the "embedding" evaluation may read.
         self.encoder_spec = EncoderSpec(
             hp.backbone, hp.stem, hp.in_channels, hp.image_size, "linear", num_classes,
-            hp.channels_last,
+            hp.channels_last, final_relu=hp.final_relu,
         )  # fmt: skip
         self.encoder_q = self.encoder_spec.build()
         # Same optimizers and schedules as pretraining, so the same lr mistakes: the same guard.

@@ -85,6 +85,7 @@ class Weights:
     # the tensors); None: moco.vit's defaults, as this project's checkpoints were built with.
     patch_size: int | None = None
     depth: int | None = None
+    final_relu: bool = True  # False: layer4's last block ends without ReLU (moco/final_relu.py)
 
     def build_backbone(self) -> nn.Module:
         if self.architecture in VITS:  # moco.encoders.build_backbone takes neither patch nor depth
@@ -93,7 +94,11 @@ class Weights:
             )
         else:  # the stem is resolved, so the image size given to build_backbone plays no part
             net = build_backbone(
-                self.architecture, self.in_channels, self.image_size or 0, stem=self.stem
+                self.architecture,
+                self.in_channels,
+                self.image_size or 0,
+                stem=self.stem,
+                final_relu=self.final_relu,
             )
         net.load_state_dict(self.backbone)
         return net
@@ -205,6 +210,7 @@ def _pretrain(checkpoint: dict, path: Path) -> Weights:
         spec.channels_last,
         info={k: checkpoint.get(k) for k in ("epoch", "global_step")},
         mlp_dim=spec.mlp_dim,
+        final_relu=spec.final_relu,
     )
 
 
@@ -386,6 +392,7 @@ def _from_resnet(state: dict, path: Path, fmt: str, facts: dict) -> Weights:
         size if isinstance(size, int) else None,
         backbone,
         stem_said=_says_pool(facts),
+        final_relu=facts.get("final_relu", True) is not False,
     )
 
 

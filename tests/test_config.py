@@ -328,6 +328,8 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+_FINAL_RELU_KEYS = ("backbone.final_relu", "model.final_relu")
+
 INTENDED = {
     # The recipe no longer sets a hardware choice: auto resolves it (next test).
     **{(name, "trainer.precision"): ("32", "auto") for name in FASHION_MNIST_EXPERIMENTS},
@@ -352,6 +354,8 @@ INTENDED = {
         for name in BEFORE
         if "model" in BEFORE[name] and "queue_size" in BEFORE[name]["model"]
     },
+    # The last block's final ReLU, made optional later, kept (torchvision's ResNet).
+    **{(name, key): ("<absent>", "True") for name in BEFORE for key in _FINAL_RELU_KEYS},
     # MoCo v2 tuned again (docs/results.md): 4x the lr with a warm-up epoch, mild crops with
     # erasing, 10x the paper's weight decay.
     ("moco_v2", "augment.crop_scale"): ("[0.4, 1.0]", "[0.85, 1.0]"),

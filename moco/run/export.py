@@ -28,6 +28,7 @@ from torch import nn
 
 from moco.checkpoint import FROM_PRETRAIN, query_encoder, read_moco_checkpoint, sha256
 from moco.encoders import V3_HEAD, pool_place, stem_with
+from moco.final_relu import has_final_relu
 from moco.errors import ConfigError, DataError
 from moco.run.export_formats import (
     FORMATS,
@@ -73,6 +74,9 @@ def stem_facts(backbone: nn.Module) -> dict:
     has_maxpool = not isinstance(maxpool, nn.Identity)
     if not has_maxpool:
         changes.append("model.maxpool = nn.Identity()")
+    final_relu = has_final_relu(backbone)
+    if not final_relu:
+        changes.append("drop_final_relu(model)  # moco/final_relu.py")
     # None: a conv1 or max-pool of no stem in STEM_LAYOUTS
     stem = stem_with(k, pool_place(has_maxpool, pool_after_layer1))
     return {
@@ -84,6 +88,7 @@ def stem_facts(backbone: nn.Module) -> dict:
         "conv1_padding": p,
         "has_maxpool": has_maxpool,  # right after the stem's conv
         "pool_after_layer1": pool_after_layer1,
+        "final_relu": final_relu,  # False: layer4's last block returns its sum before the ReLU
         "stem_changes": changes,  # empty: the stock torchvision model as it is
     }
 

@@ -195,6 +195,7 @@ class AugmentConfig(ViewConfig):
 class BackboneConfig:
     name: Backbone = MISSING
     stem: Stem = MISSING
+    final_relu: bool = MISSING
 
 
 # --------------------------------------------------------------------------------- models
@@ -217,6 +218,7 @@ class EncoderKeys(Instantiated):
     in_channels: int = MISSING
     image_size: int = MISSING
     channels_last: bool = MISSING
+    final_relu: bool = MISSING
 
 
 @dataclass
