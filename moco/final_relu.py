@@ -33,6 +33,14 @@ class BottleneckNoFinalReLU(Bottleneck):
 
 _WITHOUT_FINAL_RELU = {BasicBlock: BasicBlockNoFinalReLU, Bottleneck: BottleneckNoFinalReLU}
 
+# For exports: one line that gives a stock torchvision model (named ``model``) the forward above,
+# with nothing but torchvision.
+_SHORTCUT = "(x if b.downsample is None else b.downsample(x))"
+_REBUILD = {
+    BasicBlockNoFinalReLU: "b.bn2(b.conv2(b.relu(b.bn1(b.conv1(x)))))",
+    BottleneckNoFinalReLU: "b.bn3(b.conv3(b.relu(b.bn2(b.conv2(b.relu(b.bn1(b.conv1(x))))))))",
+}
+
 
 def drop_final_relu(resnet: nn.Module) -> nn.Module:
     """``resnet`` (a torchvision ResNet) with its last block's final ReLU removed, in place. The
@@ -48,3 +56,10 @@ def drop_final_relu(resnet: nn.Module) -> nn.Module:
 def has_final_relu(resnet: nn.Module) -> bool:
     """False when ``drop_final_relu`` removed the last block's ReLU."""
     return type(resnet.layer4[-1]) not in _WITHOUT_FINAL_RELU.values()
+
+
+def rebuild_line(resnet: nn.Module) -> str:
+    """The Python line that makes a stock torchvision ``model`` compute what ``resnet`` (with its
+    final ReLU dropped) computes."""
+    residual = _REBUILD[type(resnet.layer4[-1])]
+    return f"b = model.layer4[-1]; b.forward = lambda x, b=b: {residual} + {_SHORTCUT}"

@@ -103,6 +103,32 @@ def test_plain_torchvision_loads_the_export_and_computes_the_same_features(train
         assert torch.allclose(plain.eval()(images), ours(images), atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["torchvision", "safetensors"])
+@pytest.mark.parametrize("stem", ["small_pool", "standard"])
+def test_a_backbone_without_its_final_relu_exports_a_line_torchvision_runs(trained, fmt, stem):
+    model, ckpt = trained(stem, "backbone.final_relu=false")
+    path, meta = export_backbone(ckpt, fmt)
+    assert meta["final_relu"] is False and meta["stem_changes"][-1].startswith("b = model.layer4")
+    weights = torch.load(path, weights_only=True) if fmt == "torchvision" else load_file(path)
+    plain = plain_torchvision(meta)
+    plain.load_state_dict(weights, strict=False)
+    plain.fc = nn.Identity()
+    size, channels, _ = STEMS[stem]
+    images = torch.randn(3, channels, size, size)
+    ours = model.encoder_q.backbone.eval()
+    with torch.no_grad():
+        features = ours(images)
+        assert (features < 0).any()  # signed: the line must have taken the ReLU away
+        assert torch.allclose(plain.eval()(images), features, atol=1e-5)
+    assert read_weights(path).final_relu is False  # and this project reads it back so
+
+
+def test_the_official_tools_refuse_a_backbone_without_its_final_relu(trained, tmp_path):
+    _, ckpt = trained("standard", "backbone.final_relu=false")
+    with pytest.raises(ConfigError, match="this one has no ReLU after its last block: use"):
+        export_backbone(ckpt, "moco", tmp_path / "out" / "x")
+
+
 def test_the_stem_facts_say_what_to_change_and_travel_inside_safetensors(trained):
     _, ckpt = trained("small")
     path, meta = export_backbone(ckpt, "safetensors", ckpt.parent / "out" / "b.safetensors")

@@ -28,7 +28,7 @@ from torch import nn
 
 from moco.checkpoint import FROM_PRETRAIN, query_encoder, read_moco_checkpoint, sha256
 from moco.encoders import V3_HEAD, pool_place, stem_with
-from moco.final_relu import has_final_relu
+from moco.final_relu import has_final_relu, rebuild_line
 from moco.errors import ConfigError, DataError
 from moco.run.export_formats import (
     FORMATS,
@@ -76,7 +76,7 @@ def stem_facts(backbone: nn.Module) -> dict:
         changes.append("model.maxpool = nn.Identity()")
     final_relu = has_final_relu(backbone)
     if not final_relu:
-        changes.append("drop_final_relu(model)  # moco/final_relu.py")
+        changes.append(rebuild_line(backbone))
     # None: a conv1 or max-pool of no stem in STEM_LAYOUTS
     stem = stem_with(k, pool_place(has_maxpool, pool_after_layer1))
     return {
