@@ -64,7 +64,9 @@ def test_the_setting_reaches_both_encoders_and_the_checkpoints_reader(tiny_moco,
     size, channels = cfg.data.image_size, cfg.data.channels
     images = torch.randn(4, channels, size, size)
     with torch.no_grad():
-        torch.testing.assert_close(encoder.backbone(images), model.encoder_q.eval().backbone(images))
+        torch.testing.assert_close(
+            encoder.backbone(images), model.encoder_q.eval().backbone(images)
+        )
 
 
 def test_files_from_before_the_setting_keep_torchvisions_relu(tiny_moco):

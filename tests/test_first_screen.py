@@ -117,6 +117,14 @@ def test_summary_shows_the_given_values():
     assert all(line[11] == " " and line[12] != " " for line in summary)  # values aligned
 
 
+def test_summary_says_when_the_last_block_has_no_relu():
+    trainer = fake_trainer()
+    assert "no ReLU after the last block" not in "\n".join(run(trainer, until=1)[0].splitlines())
+    facts = dataclasses.replace(FACTS, final_relu=False)
+    text = run(trainer, until=1, facts=facts)[0]
+    assert "resnet18, stem small, no ReLU after the last block" in text
+
+
 def test_summary_with_max_steps_and_nodes():
     trainer = fake_trainer(max_steps=250, accelerator=CUDAAccelerator(), num_nodes=2)
     summary = run(trainer, until=1)[0]

@@ -28,8 +28,8 @@ from torch import nn
 
 from moco.checkpoint import FROM_PRETRAIN, query_encoder, read_moco_checkpoint, sha256
 from moco.encoders import V3_HEAD, pool_place, stem_with
-from moco.final_relu import has_final_relu, rebuild_line
 from moco.errors import ConfigError, DataError
+from moco.final_relu import has_final_relu, rebuild_line
 from moco.run.export_formats import (
     FORMATS,
     encode,

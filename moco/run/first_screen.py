@@ -33,6 +33,7 @@ class RunFacts:
     batch_size: int  # per process
     run_dir: str | Path
     time_budget_minutes: float | None = None  # None: the run has trainer.max_epochs epochs
+    final_relu: bool = True  # False: the summary says the last block has no ReLU
 
 
 def format_duration(seconds: float) -> str:
@@ -94,7 +95,8 @@ class RunSummary(pl.Callback):
         rows = {
             "experiment": f.experiment or "none (group defaults)",
             "data": f"{f.data}, {f.image_size} px",
-            "backbone": f"{f.backbone}, stem {f.stem}",
+            "backbone": f"{f.backbone}, stem {f.stem}"
+            + ("" if f.final_relu else ", no ReLU after the last block"),
             "schedule": f"{schedule} -> {self.total} steps, global batch {self.global_batch}",
             "device": device,
             "precision": str(trainer.precision),

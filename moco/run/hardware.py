@@ -57,6 +57,8 @@ def stem_for_machine(accelerator: str) -> str:
     ImageNet stem's speed and learns more per epoch. There, in bf16 both, two seeds each, its
     hour gave 21-24 epochs and 87.87-87.92 / 90.42-90.44 (kNN / probe), the ImageNet stem's
     40-47 epochs and 88.20-88.28 / 89.57-89.75: a probe 0.7-0.9 ahead for a kNN 0.3-0.4 behind.
+    Read without the last block's ReLU (``backbone.final_relu``, twenty-third round), the same
+    checkpoints gave ``small_pool`` 0.6-0.8 more kNN and the ImageNet stem none.
     On the other CPUs ``small_pool`` ran at 0.3-0.4 of the ImageNet stem's speed or less, too
     few epochs for the hour, so they keep the ImageNet stem (7x7 maps), as do GPUs, where the
     two were never measured against each other.
