@@ -392,7 +392,7 @@ def _from_resnet(state: dict, path: Path, fmt: str, facts: dict) -> Weights:
         size if isinstance(size, int) else None,
         backbone,
         stem_said=_says_pool(facts),
-        final_relu=facts.get("final_relu", True) is not False,
+        final_relu=bool(facts.get("final_relu", True)),  # older exports do not say it
     )
 
 

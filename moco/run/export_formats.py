@@ -91,7 +91,7 @@ def refuse_unless_stock_stem(fmt: str, facts: dict) -> None:
         problems.append(f"a {k}x{k} stride-{s} conv1")
     elif facts["stem"] != "imagenet":
         problems.append(f"the {facts['stem']} stem")
-    if not facts.get("final_relu", True):
+    if not facts["final_relu"]:
         problems.append("no ReLU after its last block")
     raise ConfigError(
         f"format={fmt} needs a 3-channel ImageNet-stem ResNet; this one has "

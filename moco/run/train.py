@@ -77,7 +77,7 @@ def _run_facts(cfg: DictConfig, run_dir: Path) -> RunFacts:
         batch_size=cfg.data.batch_size,  # per process; the summary multiplies by the world size
         run_dir=run_dir,
         time_budget_minutes=cfg.get("time_budget_minutes"),
-        final_relu=model.get("final_relu", True),
+        final_relu=model.final_relu,
     )
 
 
