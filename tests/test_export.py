@@ -129,7 +129,7 @@ def test_the_official_tools_refuse_a_backbone_without_its_final_relu(trained, tm
         export_backbone(ckpt, "moco", tmp_path / "out" / "x")
 
 
-def test_the_stem_facts_say_what_to_change_and_travel_inside_safetensors(trained):
+def test_the_resnet_facts_say_what_to_change_and_travel_inside_safetensors(trained):
     _, ckpt = trained("small")
     path, meta = export_backbone(ckpt, "safetensors", ckpt.parent / "out" / "b.safetensors")
     assert meta["stem_changes"] == [

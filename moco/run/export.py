@@ -36,7 +36,7 @@ from moco.run.export_formats import (
     moco_checkpoint,
     moco_contents,
     moco_v3_checkpoint,
-    refuse_unless_stock_stem,
+    refuse_unless_stock_resnet,
 )
 from moco.vit import VIT_SIZES, VITS
 from moco.weights import read_weights
@@ -55,7 +55,7 @@ def backbone_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
 
 
-def stem_facts(backbone: nn.Module) -> dict:
+def resnet_facts(backbone: nn.Module) -> dict:
     """What plain torchvision must change to rebuild this backbone, read off the module itself
     (not re-derived from the image size, so it cannot drift from moco/encoders.py)."""
     conv1, maxpool = backbone.conv1, backbone.maxpool
@@ -89,6 +89,7 @@ def stem_facts(backbone: nn.Module) -> dict:
         "has_maxpool": has_maxpool,  # right after the stem's conv
         "pool_after_layer1": pool_after_layer1,
         "final_relu": final_relu,  # False: layer4's last block returns its sum before the ReLU
+        # Every change, the final-ReLU line too; the name is part of the file format.
         "stem_changes": changes,  # empty: the stock torchvision model as it is
     }
 
@@ -171,8 +172,8 @@ def export_backbone(
     if vit:
         facts = vit_facts(backbone, weights.architecture)
     else:
-        facts = stem_facts(backbone)
-        refuse_unless_stock_stem(fmt, facts)
+        facts = resnet_facts(backbone)
+        refuse_unless_stock_resnet(fmt, facts)
     # main_moco.py saves the epochs finished. Lightning counts epochs from 0 in its checkpoints;
     # an official file (or an export of one) already holds the count.
     finished = ckpt.get("epoch")

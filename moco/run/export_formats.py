@@ -46,7 +46,7 @@ FORMATS = {
     "moco": ".pth.tar",
     "detectron2": ".pkl",
 }
-STOCK_STEM_ONLY = ("moco", "detectron2")  # rebuilt as torchvision.models.<arch>() / detectron2
+STOCK_RESNET_ONLY = ("moco", "detectron2")  # rebuilt as torchvision.models.<arch>() / detectron2
 # What the official MoCo files carry besides encoder_q (a supervised reference has neither).
 KEY_ENCODER, QUEUE_KEYS, QUEUE_PTR = "encoder_k.", "queue.keys", "queue.ptr"
 # The parts of an official file, v1/v2 then v3 (a v3 file's query encoder is base_encoder).
@@ -77,10 +77,10 @@ USAGE = {  # how to load it, printed by scripts/export.py (.format(arch=..., pat
 }
 
 
-def refuse_unless_stock_stem(fmt: str, facts: dict) -> None:
+def refuse_unless_stock_resnet(fmt: str, facts: dict) -> None:
     """One ConfigError line when ``fmt`` cannot rebuild the backbone that ``facts``
-    (``export.stem_facts``) describe: the official tools build the stock ImageNet ResNet."""
-    if fmt not in STOCK_STEM_ONLY or not facts["stem_changes"]:
+    (``export.resnet_facts``) describe: the official tools build the stock ImageNet ResNet."""
+    if fmt not in STOCK_RESNET_ONLY or not facts["stem_changes"]:
         return
     problems = []
     channels = facts["in_channels"]
